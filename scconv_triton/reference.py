@@ -11,6 +11,8 @@ The two differ only in rounding, and ``torch.sum`` is a single launch.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -153,7 +155,11 @@ class CRU(nn.Module):
         self.squeeze2 = nn.Conv2d(shp.low, shp.low_sq, kernel_size=1, bias=False)
         self.GWC = nn.Conv2d(shp.up_sq, shp.out_channels, kernel_size=k, stride=stride, padding=k // 2, groups=group_size)
         self.PWC1 = nn.Conv2d(shp.up_sq, shp.out_channels, kernel_size=1, stride=stride, bias=False)
-        self.PWC2 = nn.Conv2d(shp.low_sq, shp.pwc2_out, kernel_size=1, stride=stride, bias=False)
+        with warnings.catch_warnings():
+            # out_channels == l//r leaves PWC2 with no output channels (DenseNet's
+            # 128 -> 32); torch warns that initialising an empty weight is a no-op.
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            self.PWC2 = nn.Conv2d(shp.low_sq, shp.pwc2_out, kernel_size=1, stride=stride, bias=False)
         self.advavg = nn.AdaptiveAvgPool2d(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
