@@ -14,6 +14,49 @@ from .backend import resolve
 
 __all__ = ["SRU", "CRU", "SCConv", "ScConv"]
 
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_params(module: torch.nn.Module, x: torch.Tensor) -> None:
+    """Parameters must share the input's device and (outside autocast) dtype.
+
+    A mismatch raises here, before any kernel launches, with the parameter's name;
+    the reference would fail later inside a convolution with a less direct message.
+    """
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if not autocast and x.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{type(module).__name__}: supported input dtypes are {_KERNEL_DTYPES}, got {x.dtype}")
+    for name, p in module.named_parameters():
+        if p.device != x.device:
+            raise ValueError(
+                f"{type(module).__name__}: parameter {name} is on {p.device} but the input is on {x.device}; "
+                "move the module with .to(device)"
+            )
+        if not autocast and p.dtype != x.dtype:
+            raise TypeError(
+                f"{type(module).__name__}: parameter {name} is {p.dtype} but the input is {x.dtype}; "
+                "cast the module with .to(dtype) or run under torch.autocast"
+            )
+
+
+def fused_inputs(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Return (x, parameters) in the dtype the kernels run in.
+
+    Under torch.autocast the layer runs in the autocast dtype, like a convolution:
+    x and the (small) parameters are cast, and gradients flow back to the fp32
+    parameters through the casts. Otherwise they are returned as they are.
+    """
+    params = list(module.parameters())
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return x.to(dtype), [p.to(dtype) for p in params]
+    return x, params
+
+
+def _no_autocast(x: torch.Tensor):
+    """The kernels run in the dtype fused_inputs chose; autocast must not re-cast inside."""
+    return torch.autocast(x.device.type, enabled=False)
+
 
 class SRU(ref.SRU):
     """Fused SRU. Extra keyword: ``backend`` ("auto", "triton", "reference")."""
@@ -24,11 +67,17 @@ class SRU(ref.SRU):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ref.check_input(x, self.channels, type(self).__name__)
+        check_params(self, x)
         if resolve(x, self.backend) == "reference":
             return super().forward(x)
-        from .ops import sru as _sru
+        from .ops.sru import sru
 
-        return _sru.sru_module_forward(self, x)
+        x, (w, b) = fused_inputs(self, x)
+        with _no_autocast(x):
+            return sru(
+                x, w, b, group_num=self.group_num, eps=self.gn.eps, torch_gn=self.torch_gn,
+                gate_treshold=self.gate_treshold, gate=self.gate,
+            )
 
 
 class CRU(ref.CRU):
@@ -41,11 +90,14 @@ class CRU(ref.CRU):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ref.check_input(x, self.in_channels, type(self).__name__)
+        check_params(self, x)
         if resolve(x, self.backend) == "reference":
             return super().forward(x)
-        from .ops import cru as _cru
+        from .ops.cru import cru
 
-        return _cru.cru_module_forward(self, x)
+        x, params = fused_inputs(self, x)
+        with _no_autocast(x):
+            return cru(x, *params, self.shape, self.softmax, self.recompute)
 
 
 class SCConv(ref.SCConv):
@@ -64,11 +116,19 @@ class SCConv(ref.SCConv):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ref.check_input(x, self.in_channels, type(self).__name__)
+        check_params(self, x)
         if resolve(x, self.backend) == "reference":
             return super().forward(x)
-        from .ops import scconv as _scconv
+        from .ops.scconv import scconv
 
-        return _scconv.scconv_module_forward(self, x)
+        sru, cru = self.SRU, self.CRU
+        x, params = fused_inputs(self, x)
+        with _no_autocast(x):
+            return scconv(
+                x, *params, group_num=sru.group_num, eps=sru.gn.eps, torch_gn=sru.torch_gn,
+                gate_treshold=sru.gate_treshold, gate=sru.gate, shape=cru.shape, softmax=cru.softmax,
+                recompute=self.recompute,
+            )
 
 
 ScConv = SCConv

@@ -1,0 +1,227 @@
+"""The fused SCConv against scconv_triton.reference.SCConv, forward and every gradient.
+
+float64: 1e-10 relative (both paths compute in fp64, so the gate decisions agree).
+float32: 1e-5 relative norm, on inputs whose gate values r are all farther than
+1e-6 from tau (fp32 rounding moves r by ~1e-7; SPEC.md: the gate is discontinuous; the check is a precondition
+of the comparison, not a filter on its result).
+float16 / bfloat16: the fused result must be as close to the float64 reference as
+the reference computed in that dtype is, within a small factor.
+"""
+import pytest
+import torch
+
+import scconv_triton
+from scconv_triton import reference as ref
+
+CONFIGS = {
+    "default": dict(op_channel=16),
+    "gbn-pairwise": dict(op_channel=16, torch_gn=False, softmax="pairwise"),
+    "hard-gate": dict(op_channel=16, gate="hard", gate_treshold=0.45),
+    "stride2-odd": dict(op_channel=16, stride=2, h=7, w=5),
+    "densenet-like": dict(op_channel=16, out_channels=4),  # PWC2 has no channels
+    "wider-out": dict(op_channel=12, group_num=3, out_channels=20, alpha=0.5, squeeze_radio=3, group_size=2),
+    "alpha-k5-g4": dict(op_channel=24, group_num=6, alpha=0.75, group_size=3, group_kernel_size=5),
+    "k1-g1-tau": dict(op_channel=20, group_num=5, group_size=1, group_kernel_size=1, gate_treshold=0.3),
+    "recompute": dict(op_channel=16, recompute=True, stride=2),
+    "batch1": dict(op_channel=16, n=1, h=5, w=9),
+}
+
+
+def _split(cfg):
+    cfg = dict(cfg)
+    shape = (cfg.pop("n", 2), cfg["op_channel"], cfg.pop("h", 6), cfg.pop("w", 7))
+    recompute = cfg.pop("recompute", False)
+    return shape, cfg, recompute
+
+
+def _pair(cfg, device, dtype=torch.float64):
+    shape, kw, recompute = _split(cfg)
+    fused = scconv_triton.SCConv(**kw, recompute=recompute, backend="triton")
+    with torch.no_grad():  # non-trivial values everywhere, so every term can fail
+        for p in fused.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+        fused.SRU.gn.weight.add_(1.0)
+    base = ref.SCConv(**kw)
+    base.load_state_dict(fused.state_dict())
+    return fused.to(device, dtype), base.to(device, dtype), shape
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _run(model, x, g):
+    x = x.detach().clone().requires_grad_(True)
+    y = model(x)
+    y.backward(g)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return y, x.grad, grads
+
+
+def _gate_margin(base, x):
+    """min |r - tau| over the input, computed in float64 with the reference's pieces."""
+    sru = base.SRU
+    with torch.no_grad():
+        xd = x.double()
+        gn = {k: v.double() for k, v in sru.gn.state_dict().items()}
+        g = torch.func.functional_call(sru.gn.double(), gn, (xd,))
+        w = gn["weight"] / gn["weight"].sum()
+        r = torch.sigmoid(g * w.view(1, -1, 1, 1))
+        sru.gn.to(x.dtype)
+    return (r - sru.gate_treshold).abs().min().item()
+
+
+def _check(fused, base, x, tol):
+    g = torch.randn(base(x).shape, dtype=x.dtype, device=x.device)
+    yf, dxf, gf = _run(fused, x, g)
+    yr, dxr, gr = _run(base, x, g)
+    assert yf.shape == yr.shape
+    assert yf.dtype == yr.dtype
+    assert _rel(yf, yr) <= tol, ("out", _rel(yf, yr))
+    assert _rel(dxf, dxr) <= tol, ("dx", _rel(dxf, dxr))
+    for name in gr:
+        if gr[name] is None:  # hard gate: no gradient reaches the GroupNorm parameters
+            assert gf[name] is None, name
+            continue
+        assert gf[name] is not None, name
+        assert gf[name].shape == gr[name].shape, name
+        assert _rel(gf[name], gr[name]) <= tol, (name, _rel(gf[name], gr[name]))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fp64_matches_reference(name, device):
+    fused, base, shape = _pair(CONFIGS[name], device)
+    x = torch.randn(shape, dtype=torch.float64, device=device)
+    _check(fused, base, x, 1e-10)
+
+
+@pytest.mark.parametrize("name", ["default", "gbn-pairwise", "stride2-odd", "densenet-like", "alpha-k5-g4"])
+def test_fp32_matches_reference_where_gates_agree(name, device):
+    fused, base, shape = _pair(CONFIGS[name], device, torch.float32)
+    for _ in range(20):
+        x = torch.randn(shape, device=device)
+        if _gate_margin(base, x) > 1e-6:
+            break
+    else:
+        pytest.fail("could not draw an input whose gate values stay 1e-6 away from tau")
+    _check(fused, base, x, 1e-5)
+
+
+@pytest.mark.parametrize("name", ["default", "stride2-odd"])
+def test_channels_last_matches_and_stays_channels_last(name, device):
+    fused, base, shape = _pair(CONFIGS[name], device)
+    x = torch.randn(shape, dtype=torch.float64, device=device).to(memory_format=torch.channels_last)
+    _check(fused, base, x, 1e-10)
+    assert fused(x).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precisions_as_good_as_the_reference_in_that_dtype(dtype, device):
+    fused, base, shape = _pair(CONFIGS["default"], device)
+    x64 = torch.randn(shape, dtype=torch.float64, device=device)
+    g64 = torch.randn(shape[0], 16, shape[2], shape[3], dtype=torch.float64, device=device)
+    truth_y, truth_dx, truth_g = _run(base, x64, g64)
+    # the reference itself, run in the low precision
+    base_lp = ref.SCConv(16).to(device, dtype)
+    base_lp.load_state_dict(base.state_dict())
+    ry, rdx, rg = _run(base_lp, x64.to(dtype), g64.to(dtype))
+    fused_lp = fused.to(dtype)
+    fy, fdx, fg = _run(fused_lp, x64.to(dtype), g64.to(dtype))
+    assert fy.dtype == dtype and fdx.dtype == dtype
+    floor = {torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    assert _rel(fy, truth_y) <= max(2 * _rel(ry, truth_y), floor)
+    assert _rel(fdx, truth_dx) <= max(2 * _rel(rdx, truth_dx), floor)
+    for name in truth_g:
+        assert fg[name].dtype == dtype
+        assert _rel(fg[name], truth_g[name]) <= max(2 * _rel(rg[name], truth_g[name]), 2 * floor), name
+
+
+def test_reference_checkpoint_loads_unchanged(device):
+    base = ref.ScConv(32).double()
+    fused = scconv_triton.ScConv(32).double()
+    missing = fused.load_state_dict(base.state_dict())
+    assert not missing.missing_keys and not missing.unexpected_keys
+    x = torch.randn(2, 32, 5, 6, dtype=torch.float64)
+    assert _rel(fused.to(device)(x.to(device)), base.to(device)(x.to(device))) < 1e-10
+
+
+def test_batch_zero_gives_empty_output(device):
+    fused, base, _ = _pair(CONFIGS["default"], device)
+    x = torch.randn(0, 16, 5, 5, dtype=torch.float64, device=device)
+    assert fused(x).shape == base(x).shape == (0, 16, 5, 5)
+
+
+def test_backward_of_a_sum_with_expanded_grad(device):
+    # y.sum().backward() hands the Function an expanded (stride 0) gradient
+    fused, base, shape = _pair(CONFIGS["default"], device)
+    x = torch.randn(shape, dtype=torch.float64, device=device)
+    xf, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    fused(xf).sum().backward()
+    base(xr).sum().backward()
+    assert _rel(xf.grad, xr.grad) < 1e-10
+
+
+def test_non_contiguous_and_expanded_inputs(device):
+    fused, base, _ = _pair(CONFIGS["default"], device)
+    big = torch.randn(2, 16, 12, 14, dtype=torch.float64, device=device)
+    sliced = big[:, :, ::2, 1::2]  # strided view
+    expanded = torch.randn(1, 16, 5, 5, dtype=torch.float64, device=device).expand(3, -1, -1, -1)
+    for x in (sliced, expanded):
+        assert _rel(fused(x), base(x)) < 1e-10
+
+
+def test_recompute_gives_identical_results_and_saves_less(device):
+    kw = dict(op_channel=16)
+    a = scconv_triton.SCConv(**kw, backend="triton").double().to(device)
+    b = scconv_triton.SCConv(**kw, backend="triton", recompute=True).double().to(device)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64, device=device)
+    ya, dxa, ga = _run(a, x, torch.ones(2, 16, 6, 6, dtype=torch.float64, device=device))
+    yb, dxb, gb = _run(b, x, torch.ones(2, 16, 6, 6, dtype=torch.float64, device=device))
+    assert torch.equal(ya, yb) and torch.equal(dxa, dxb)
+    assert all(torch.equal(ga[k], gb[k]) for k in ga)
+    assert _saved_bytes(b, x) < _saved_bytes(a, x)
+
+
+def _saved_bytes(model, x):
+    """Bytes of distinct storages saved for backward, the input and parameters apart."""
+    exclude = {x.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in exclude:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    xr = x.detach().requires_grad_(True)
+    exclude.add(xr.untyped_storage().data_ptr())
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(xr)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("recompute,budget", [(False, 2.5), (True, 0.6)])
+def test_saved_for_backward_within_budget(recompute, budget, device):
+    # DESIGN.md's budget at C=64, 56x56: <= 2.5 S besides x (<= 0.6 S with recompute),
+    # S = one input-sized tensor; weight-sized tensors count too, so use the real shape
+    model = scconv_triton.SCConv(64, backend="triton", recompute=recompute).to(device)
+    x = torch.randn(1, 64, 56, 56, device=device)
+    s_bytes = x.numel() * x.element_size()
+    saved = _saved_bytes(model, x) / s_bytes
+    assert saved <= budget, saved
+    assert saved > 0.25  # the squeezed tensors (C/2 channels) are always saved
+
+
+def test_fused_path_actually_runs_triton(device, monkeypatch):
+    # guard against a silent fallback to the reference: the triton path must call the kernels
+    from scconv_triton.kernels import cru as kcru
+    from scconv_triton.kernels import sru as ksru
+
+    calls = []
+    for mod, name in [(ksru, "sru_stats"), (kcru, "cru_pool")]:
+        orig = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _o=orig, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
+    fused, _, shape = _pair(CONFIGS["default"], device)
+    fused(torch.randn(shape, dtype=torch.float64, device=device))
+    assert calls == ["sru_stats", "cru_pool"]
