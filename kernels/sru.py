@@ -1,0 +1,876 @@
+"""Triton kernels of the fused SRU (Spatial Reconstruction Unit) and their launchers.
+
+Semantics (SPEC.md), x of shape (N, C, H, W), h = C // 2, per sample n and group g:
+    g    = GN(x) = xhat * gamma + beta,   xhat = (x - mean) * rstd
+    w    = gamma / sum(gamma)
+    r    = sigmoid(g * w)
+    soft: W1 = where(r > tau, 1, r),  W2 = where(r > tau, 0, r)
+    hard: W1 = [r > tau],             W2 = 1 - W1
+    s[:, c]     = W1_c * x_c         + W2_{c+h} * x_{c+h}
+    s[:, c + h] = W1_{c+h} * x_{c+h} + W2_c * x_c                    (c < h)
+GroupNorm flavours: ``torch_gn`` (nn.GroupNorm) rstd = 1 / sqrt(var_biased + eps);
+otherwise (GroupBatchnorm2d) rstd = 1 / (std_unbiased + eps).
+
+Kernels (all take explicit strides, so NCHW and channels_last run without a copy):
+  forward   _sru_stats_partial_kernel  per (n, group, split): count / mean / M2 of a slice of the group
+            _sru_stats_merge_kernel    Chan merge of the splits -> mean, rstd           (N x G sized)
+            _sru_apply_kernel          GN, w_gamma, sigmoid, gate, cross-reconstruction -> s
+  backward  _sru_bwd_partial_kernel    per (n, channel, split): P = sum dz, Q = sum dz * xhat   (soft gate)
+            _sru_bwd_reduce_kernel     per (n, group): A = sum dxhat*xhat, B = sum dxhat;
+                                       per channel: d beta, partial d gamma (deterministic, fixed order)
+            _sru_bwd_finalize_kernel   d gamma -= sum_j(dw_j gamma_j) / S^2               (C sized)
+            _sru_bwd_dx_kernel         dx through the gate, both halves of the cross-reconstruction
+                                       and the GroupNorm (recomputed from x and the stats)
+
+Backward math, dz = [r <= tau] * x_c * (ds_c + ds_partner) * r * (1 - r) (soft gate only):
+    dg = dz * w_c, dxhat = dg * gamma_c
+    P_nc = sum_hw dz, Q_nc = sum_hw dz * xhat
+    d beta_c  = w_c * sum_n P_nc,  d gamma_c (affine) = w_c * sum_n Q_nc
+    dw_c      = sum dz * g = gamma_c * sum_n Q_nc + beta_c * sum_n P_nc
+    d gamma_c += dw_c / S - sum_j dw_j gamma_j / S^2          (S = sum gamma)
+    A_ng = sum_{c in g} gamma_c w_c Q_nc,  B_ng = sum_{c in g} gamma_c w_c P_nc
+    dx = W1_c ds_c + W2_c ds_partner + rstd * (dxhat - B / M) - k * xhat * A
+    k = rstd / M (torch_gn);  k = 1 / ((M - 1) * std) (GroupBatchnorm2d: unbiased std, eps on std)
+with M = (C / G) * H * W the group size.
+
+Arithmetic is fp32 (fp64 for fp64 inputs), loads of fp16/bf16 are upcast, stores cast
+back to the output's dtype. Offsets are int64. No float atomics: every reduction has a
+fixed order, so results are bitwise reproducible.
+"""
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["sru_stats", "sru_apply", "sru_backward", "aot_specs"]
+
+
+# ----------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _acc(v, FP64: tl.constexpr):
+    """Cast to the accumulation dtype: fp64 when FP64, else fp32."""
+    if FP64:
+        return tl.cast(v, tl.float64)
+    else:
+        return tl.cast(v, tl.float32)
+
+
+@triton.jit
+def _pix_off(p, W, s_h, s_w, FLAT: tl.constexpr):
+    """Element offset of flat pixel index p (int64). FLAT: offset = p * s_w."""
+    if FLAT:
+        return p * s_w
+    else:
+        return (p // W) * s_h + (p % W) * s_w
+
+
+@triton.jit
+def _weight_sum(w_ptr, C, FP64: tl.constexpr, BLOCK_W: tl.constexpr):
+    """sum(gamma) over the C channels (contiguous weight), fixed order."""
+    offs = tl.arange(0, BLOCK_W)
+    acc = _acc(tl.zeros([BLOCK_W], tl.float32), FP64)
+    for c0 in range(0, C, BLOCK_W):
+        acc += _acc(tl.load(w_ptr + c0 + offs, mask=c0 + offs < C, other=0.0), FP64)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _get_wsum(w_ptr, wsum_ptr, C, HAS_WSUM: tl.constexpr, FP64: tl.constexpr, BLOCK_W: tl.constexpr):
+    """sum(gamma): one load from wsum_ptr when HAS_WSUM, else summed here."""
+    if HAS_WSUM:
+        return _acc(tl.load(wsum_ptr), FP64)
+    else:
+        return _weight_sum(w_ptr, C, FP64, BLOCK_W)
+
+
+@triton.jit
+def _channel_params(n, c, mask_c, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum, FP64: tl.constexpr):
+    """Per-channel vectors for channels c of sample n: mean, rstd (of c's group), gamma, beta, w."""
+    grp = n * G + c // CG
+    mu = _acc(tl.load(mean_ptr + grp, mask=mask_c, other=0.0), FP64)
+    rs = _acc(tl.load(rstd_ptr + grp, mask=mask_c, other=0.0), FP64)
+    gam = _acc(tl.load(w_ptr + c, mask=mask_c, other=0.0), FP64)
+    bet = _acc(tl.load(b_ptr + c, mask=mask_c, other=0.0), FP64)
+    return mu, rs, gam, bet, gam / wsum
+
+
+@triton.jit
+def _reweight(x, mu, rs, gam, bet, wg):
+    """xhat and r = sigmoid((xhat * gamma + beta) * w) for a [BC, BP] tile."""
+    xhat = (x - mu[:, None]) * rs[:, None]
+    r = tl.sigmoid((xhat * gam[:, None] + bet[:, None]) * wg[:, None])
+    return xhat, r
+
+
+# ----------------------------------------------------------------------------------------
+# forward kernels
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _sru_stats_partial_kernel(
+    x_ptr, part_ptr,
+    W, HW, G, CG,
+    sx_n, sx_c, sx_h, sx_w,
+    TILES_PER_PROG, SPLIT,
+    FLAT: tl.constexpr, FP64: tl.constexpr, BJ: tl.constexpr, BP: tl.constexpr,
+):
+    """Partial statistics of one slice of one (sample, group).
+
+    x_ptr: input (N, C, H, W), any strides (sx_*), any float dtype.
+    part_ptr: (N*G, SPLIT, 4) accumulation-dtype buffer: count, mean - K, M2 of the slice, and
+    K, the group's first element: every value is shifted by K before it is accumulated, so a
+    large common mean costs no precision (mean = K + shifted mean).
+    W, HW: width and H*W; G: groups; CG: channels per group.
+    TILES_PER_PROG: [BJ channels x BP pixels] tiles per program; SPLIT: programs per group.
+    Grid (N*G, SPLIT). Each tile's mean and M2 come from values in registers (exact two-pass),
+    then merge into the running result with Chan's formula: no E[x^2] - E[x]^2 cancellation.
+    """
+    pid_ng = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n = pid_ng // G
+    g = pid_ng % G
+    base = n.to(tl.int64) * sx_n + (g * CG).to(tl.int64) * sx_c
+    n_pb = tl.cdiv(HW, BP)
+    n_tiles = tl.cdiv(CG, BJ) * n_pb
+    t0 = pid_s * TILES_PER_PROG
+    t1 = tl.minimum(t0 + TILES_PER_PROG, n_tiles)
+    shift = _acc(tl.load(x_ptr + base), FP64)
+    zero = tl.sum(_acc(tl.zeros([BJ], tl.float32), FP64), axis=0)
+    cnt = zero
+    mean = zero
+    m2 = zero
+    for t in range(t0, t1):
+        jb = t // n_pb
+        pb = t % n_pb
+        j = jb * BJ + tl.arange(0, BJ)
+        p = pb * BP + tl.arange(0, BP)
+        m = (j < CG)[:, None] & (p < HW)[None, :]
+        offs = base + j.to(tl.int64)[:, None] * sx_c + _pix_off(p.to(tl.int64), W, sx_h, sx_w, FLAT)[None, :]
+        v = tl.where(m, _acc(tl.load(x_ptr + offs, mask=m, other=0.0), FP64) - shift, 0.0)
+        nb = _acc(tl.minimum(CG - jb * BJ, BJ) * tl.minimum(HW - pb * BP, BP), FP64)
+        mb = tl.sum(tl.sum(v, axis=1), axis=0) / nb
+        d = tl.where(m, v - mb, 0.0)
+        m2b = tl.sum(tl.sum(d * d, axis=1), axis=0)
+        tot = cnt + nb
+        delta = mb - mean
+        mean = mean + delta * (nb / tot)
+        m2 = m2 + m2b + delta * delta * (cnt * (nb / tot))
+        cnt = tot
+    out = part_ptr + (pid_ng * SPLIT + pid_s).to(tl.int64) * 4
+    tl.store(out, cnt)
+    tl.store(out + 1, mean)
+    tl.store(out + 2, m2)
+    tl.store(out + 3, shift)
+
+
+@triton.jit
+def _sru_stats_merge_kernel(
+    part_ptr, mean_ptr, rstd_ptr, w_ptr, wsum_ptr,
+    NG, SPLIT, M, eps_hi, eps_lo, C,
+    TORCH_GN: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
+    WRITE_WSUM: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """Merge the SPLIT partials of each (sample, group) and write mean and rstd.
+
+    part_ptr: (NG, SPLIT, 4) from _sru_stats_partial_kernel (shifted by the group's K);
+    mean_ptr, rstd_ptr: (NG,).
+    M: elements per group; eps = eps_hi + eps_lo (an fp64 eps split into two fp32 halves).
+    TORCH_GN: rstd = 1/sqrt(M2/M + eps), else rstd = 1/(sqrt(M2/(M-1)) + eps).
+    WRITE_WSUM: program 0 also writes sum(gamma) of w_ptr (C,) to wsum_ptr (1,), so that the
+    apply kernel need not re-sum gamma in every program. Grid (cdiv(NG, BLOCK),).
+    """
+    if WRITE_WSUM:
+        if tl.program_id(0) == 0:
+            tl.store(wsum_ptr, _weight_sum(w_ptr, C, FP64, BLOCK_W))
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = rows < NG
+    zero = _acc(tl.zeros([BLOCK], tl.float32), FP64)
+    cnt = zero
+    mean = zero
+    m2 = zero
+    for s in range(0, SPLIT):
+        ptr = part_ptr + (rows.to(tl.int64) * SPLIT + s) * 4
+        nb = tl.load(ptr, mask=mask, other=0.0)
+        mb = tl.load(ptr + 1, mask=mask, other=0.0)
+        m2b = tl.load(ptr + 2, mask=mask, other=0.0)
+        tot = cnt + nb
+        frac = tl.where(tot > 0, nb / tl.where(tot > 0, tot, 1.0), 0.0)
+        delta = mb - mean
+        mean = mean + delta * frac
+        m2 = m2 + m2b + delta * delta * (cnt * frac)
+        cnt = tot
+    mean += tl.load(part_ptr + rows.to(tl.int64) * SPLIT * 4 + 3, mask=mask, other=0.0)
+    eps = _acc(eps_hi, FP64) + _acc(eps_lo, FP64)
+    mf = _acc(M, FP64)
+    if TORCH_GN:
+        rstd = 1.0 / tl.sqrt(m2 / mf + eps)
+    else:
+        rstd = 1.0 / (tl.sqrt(m2 / (mf - 1.0)) + eps)
+    tl.store(mean_ptr + rows, mean, mask=mask)
+    tl.store(rstd_ptr + rows, rstd, mask=mask)
+
+
+@triton.jit
+def _sru_apply_kernel(
+    x_ptr, out_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, wsum_ptr,
+    C, HALF, W, HW, G, CG,
+    sx_n, sx_c, sx_h, sx_w,
+    so_n, so_c, so_h, so_w,
+    tau_hi, tau_lo, N_CB, N_PB,
+    HARD: tl.constexpr, FLAT: tl.constexpr, FP64: tl.constexpr, HAS_WSUM: tl.constexpr,
+    BC: tl.constexpr, BP: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """Fused SRU forward for channel pairs (c, c + HALF), c in a block of BC, and BP pixels.
+
+    x_ptr/out_ptr: (N, C, H, W) input and output, strides sx_*/so_* (out may differ from x).
+    mean_ptr, rstd_ptr: (N, G) stats; w_ptr, b_ptr: (C,) gamma, beta (contiguous).
+    wsum_ptr: (1,) sum(gamma), read when HAS_WSUM (else summed in every program).
+    tau = tau_hi + tau_lo. N_CB = cdiv(HALF, BC), N_PB = cdiv(HW, BP); grid (N * N_CB * N_PB,).
+    Reads x once (both halves of each pair in one program), writes s once.
+    """
+    pid = tl.program_id(0)
+    pb = pid % N_PB
+    rest = pid // N_PB
+    cb = rest % N_CB
+    n = rest // N_CB
+    c = cb * BC + tl.arange(0, BC)
+    cp = c + HALF
+    p = pb * BP + tl.arange(0, BP)
+    mc = c < HALF
+    m = mc[:, None] & (p < HW)[None, :]
+    p64 = p.to(tl.int64)
+    n64 = n.to(tl.int64)
+    wsum = _get_wsum(w_ptr, wsum_ptr, C, HAS_WSUM, FP64, BLOCK_W)
+    tau = _acc(tau_hi, FP64) + _acc(tau_lo, FP64)
+
+    xo = _pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
+    xa = _acc(tl.load(x_ptr + xo + c.to(tl.int64)[:, None] * sx_c, mask=m, other=0.0), FP64)
+    xb = _acc(tl.load(x_ptr + xo + cp.to(tl.int64)[:, None] * sx_c, mask=m, other=0.0), FP64)
+    mu, rs, gam, bet, wg = _channel_params(n, c, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum, FP64)
+    _, ra = _reweight(xa, mu, rs, gam, bet, wg)
+    mu, rs, gam, bet, wg = _channel_params(n, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum, FP64)
+    _, rb = _reweight(xb, mu, rs, gam, bet, wg)
+    if HARD:
+        w1a = tl.where(ra > tau, 1.0, 0.0)
+        w1b = tl.where(rb > tau, 1.0, 0.0)
+        oa = w1a * xa + (1.0 - w1b) * xb
+        ob = w1b * xb + (1.0 - w1a) * xa
+    else:
+        oa = tl.where(ra > tau, 1.0, ra) * xa + tl.where(rb > tau, 0.0, rb) * xb
+        ob = tl.where(rb > tau, 1.0, rb) * xb + tl.where(ra > tau, 0.0, ra) * xa
+    oo = _pix_off(p64, W, so_h, so_w, FLAT)[None, :] + n64 * so_n
+    odt = out_ptr.dtype.element_ty
+    tl.store(out_ptr + oo + c.to(tl.int64)[:, None] * so_c, oa.to(odt), mask=m)
+    tl.store(out_ptr + oo + cp.to(tl.int64)[:, None] * so_c, ob.to(odt), mask=m)
+
+
+# ----------------------------------------------------------------------------------------
+# backward kernels
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _sru_bwd_partial_kernel(
+    x_ptr, ds_ptr, p_ptr, q_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,
+    C, HALF, W, HW, G, CG,
+    sx_n, sx_c, sx_h, sx_w,
+    sd_n, sd_c, sd_h, sd_w,
+    tau_hi, tau_lo, N_CB, SPLIT, PB_PER_PROG,
+    FLAT: tl.constexpr, FP64: tl.constexpr,
+    BC: tl.constexpr, BP: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """Soft-gate backward, pass 1: per (sample, channel, split) P = sum dz and Q = sum dz * xhat.
+
+    x_ptr, ds_ptr: input and output gradient (N, C, H, W), strides sx_*, sd_*.
+    p_ptr, q_ptr: (N * SPLIT, C) accumulation-dtype buffers, row n * SPLIT + split.
+    Program (n, channel-pair block, split) covers PB_PER_PROG pixel blocks of BP.
+    dz = [r <= tau] * x * (ds_c + ds_partner) * r * (1 - r). Grid (N * N_CB * SPLIT,).
+    """
+    pid = tl.program_id(0)
+    s = pid % SPLIT
+    rest = pid // SPLIT
+    cb = rest % N_CB
+    n = rest // N_CB
+    c = cb * BC + tl.arange(0, BC)
+    cp = c + HALF
+    mc = c < HALF
+    n64 = n.to(tl.int64)
+    c64 = c.to(tl.int64)[:, None]
+    cp64 = cp.to(tl.int64)[:, None]
+    wsum = _weight_sum(w_ptr, C, FP64, BLOCK_W)
+    tau = _acc(tau_hi, FP64) + _acc(tau_lo, FP64)
+    mua, rsa, gama, beta_, wga = _channel_params(n, c, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum, FP64)
+    mub, rsb, gamb, betb, wgb = _channel_params(n, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum, FP64)
+    zero = _acc(tl.zeros([BC, BP], tl.float32), FP64)
+    pa = zero
+    qa = zero
+    pbv = zero
+    qb = zero
+    pb0 = s * PB_PER_PROG
+    pb1 = tl.minimum(pb0 + PB_PER_PROG, tl.cdiv(HW, BP))
+    for pb in range(pb0, pb1):
+        p = pb * BP + tl.arange(0, BP)
+        m = mc[:, None] & (p < HW)[None, :]
+        p64 = p.to(tl.int64)
+        xo = _pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
+        do = _pix_off(p64, W, sd_h, sd_w, FLAT)[None, :] + n64 * sd_n
+        xa = _acc(tl.load(x_ptr + xo + c64 * sx_c, mask=m, other=0.0), FP64)
+        xb = _acc(tl.load(x_ptr + xo + cp64 * sx_c, mask=m, other=0.0), FP64)
+        dsum = _acc(tl.load(ds_ptr + do + c64 * sd_c, mask=m, other=0.0), FP64) + _acc(
+            tl.load(ds_ptr + do + cp64 * sd_c, mask=m, other=0.0), FP64
+        )
+        xha, ra = _reweight(xa, mua, rsa, gama, beta_, wga)
+        xhb, rb = _reweight(xb, mub, rsb, gamb, betb, wgb)
+        dza = tl.where(ra <= tau, xa * dsum * ra * (1.0 - ra), 0.0)
+        dzb = tl.where(rb <= tau, xb * dsum * rb * (1.0 - rb), 0.0)
+        pa += dza
+        qa += dza * xha
+        pbv += dzb
+        qb += dzb * xhb
+    row = (n64 * SPLIT + s) * C
+    tl.store(p_ptr + row + c, tl.sum(pa, axis=1), mask=mc)
+    tl.store(q_ptr + row + c, tl.sum(qa, axis=1), mask=mc)
+    tl.store(p_ptr + row + cp, tl.sum(pbv, axis=1), mask=mc)
+    tl.store(q_ptr + row + cp, tl.sum(qb, axis=1), mask=mc)
+
+
+@triton.jit
+def _sru_bwd_reduce_kernel(
+    p_ptr, q_ptr, w_ptr, b_ptr, a_ptr, bsum_ptr, dbias_ptr, xg_ptr, t_ptr, wsum_ptr,
+    N, C, G, CG, SPLIT,
+    FP64: tl.constexpr, BG: tl.constexpr, BJ: tl.constexpr,
+    BR: tl.constexpr, BCR: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """Backward pass 2 (tiny): deterministic reductions of the P, Q partials.
+
+    p_ptr, q_ptr: (N * SPLIT, C). w_ptr, b_ptr: (C,) gamma, beta.
+    Programs 0..N-1 (one per sample n) write, per group g, into a_ptr / bsum_ptr (N, G):
+        A = sum_{c in g, split} gamma_c w_c Q,   B = sum_{c in g, split} gamma_c w_c P.
+    Programs N.. (one per block of BCR channels; only launched when parameter gradients
+    are needed) write d beta (dbias_ptr, (C,), weight dtype), the partial d gamma
+    X_c = w_c sum Q + dw_c / S into xg_ptr (C,), and sum_{c in block} dw_c gamma_c into
+    t_ptr[block], with dw_c = gamma_c sum Q + beta_c sum P. Fixed summation order.
+    Program 0 also writes sum(gamma) to wsum_ptr (1,) for the dx kernel.
+    """
+    pid = tl.program_id(0)
+    wsum = _weight_sum(w_ptr, C, FP64, BLOCK_W)
+    if pid == 0:
+        tl.store(wsum_ptr, wsum)
+    if pid < N:
+        rows0 = pid.to(tl.int64) * SPLIT
+        for g0 in range(0, G, BG):
+            g = g0 + tl.arange(0, BG)
+            acc_a = _acc(tl.zeros([BG, BJ], tl.float32), FP64)
+            acc_b = _acc(tl.zeros([BG, BJ], tl.float32), FP64)
+            for j0 in range(0, CG, BJ):
+                j = j0 + tl.arange(0, BJ)
+                m = (g < G)[:, None] & (j < CG)[None, :]
+                c = g[:, None] * CG + j[None, :]
+                gam = _acc(tl.load(w_ptr + c, mask=m, other=0.0), FP64)
+                coef = gam * gam / wsum
+                for s in range(0, SPLIT):
+                    row = (rows0 + s) * C
+                    acc_a += _acc(tl.load(q_ptr + row + c, mask=m, other=0.0), FP64) * coef
+                    acc_b += _acc(tl.load(p_ptr + row + c, mask=m, other=0.0), FP64) * coef
+            gm = g < G
+            tl.store(a_ptr + pid * G + g, tl.sum(acc_a, axis=1), mask=gm)
+            tl.store(bsum_ptr + pid * G + g, tl.sum(acc_b, axis=1), mask=gm)
+    else:
+        cb = pid - N
+        c = cb * BCR + tl.arange(0, BCR)
+        mc = c < C
+        acc_p = _acc(tl.zeros([BR, BCR], tl.float32), FP64)
+        acc_q = _acc(tl.zeros([BR, BCR], tl.float32), FP64)
+        for r0 in range(0, N * SPLIT, BR):
+            r = r0 + tl.arange(0, BR)
+            m = (r < N * SPLIT)[:, None] & mc[None, :]
+            offs = r.to(tl.int64)[:, None] * C + c[None, :]
+            acc_p += _acc(tl.load(p_ptr + offs, mask=m, other=0.0), FP64)
+            acc_q += _acc(tl.load(q_ptr + offs, mask=m, other=0.0), FP64)
+        sp = tl.sum(acc_p, axis=0)
+        sq = tl.sum(acc_q, axis=0)
+        gam = _acc(tl.load(w_ptr + c, mask=mc, other=0.0), FP64)
+        bet = _acc(tl.load(b_ptr + c, mask=mc, other=0.0), FP64)
+        wg = gam / wsum
+        dw = gam * sq + bet * sp
+        tl.store(dbias_ptr + c, (wg * sp).to(dbias_ptr.dtype.element_ty), mask=mc)
+        tl.store(xg_ptr + c, wg * sq + dw / wsum, mask=mc)
+        tl.store(t_ptr + cb, tl.sum(tl.where(mc, dw * gam, 0.0), axis=0))
+
+
+@triton.jit
+def _sru_bwd_finalize_kernel(
+    xg_ptr, t_ptr, w_ptr, dw_ptr, C, NT,
+    FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """d gamma_c = X_c - (sum_b t_b) / S^2, one program over the C channels.
+
+    xg_ptr: (C,) partial d gamma; t_ptr: (NT,) block sums of dw_j gamma_j; w_ptr: gamma;
+    dw_ptr: (C,) output in the weight's dtype. Grid (1,).
+    """
+    offs = tl.arange(0, BLOCK_T)
+    t = tl.sum(_acc(tl.load(t_ptr + offs, mask=offs < NT, other=0.0), FP64), axis=0)
+    wsum = _weight_sum(w_ptr, C, FP64, BLOCK_W)
+    corr = t / (wsum * wsum)
+    cw = tl.arange(0, BLOCK_W)
+    for c0 in range(0, C, BLOCK_W):
+        c = c0 + cw
+        mc = c < C
+        v = _acc(tl.load(xg_ptr + c, mask=mc, other=0.0), FP64) - corr
+        tl.store(dw_ptr + c, v.to(dw_ptr.dtype.element_ty), mask=mc)
+
+
+@triton.jit
+def _sru_bwd_dx_kernel(
+    x_ptr, ds_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, a_ptr, bsum_ptr, wsum_ptr,
+    C, HALF, W, HW, G, CG, M, eps_hi, eps_lo,
+    sx_n, sx_c, sx_h, sx_w,
+    sd_n, sd_c, sd_h, sd_w,
+    sg_n, sg_c, sg_h, sg_w,
+    tau_hi, tau_lo, N_CB, N_PB,
+    HARD: tl.constexpr, TORCH_GN: tl.constexpr, FLAT: tl.constexpr, FP64: tl.constexpr,
+    HAS_WSUM: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """dx for channel pairs (c, c + HALF) and BP pixels, recomputed from x and the stats.
+
+    x_ptr, ds_ptr, dx_ptr: (N, C, H, W) with strides sx_*, sd_*, sg_*.
+    a_ptr, bsum_ptr: (N, G) A and B from _sru_bwd_reduce_kernel (unused when HARD).
+    M: group size; eps = eps_hi + eps_lo (GroupBatchnorm2d needs std = 1/rstd - eps).
+    wsum_ptr: (1,) sum(gamma) from the reduce kernel, read when HAS_WSUM.
+    HARD: dx = W1 ds_c + W2 ds_partner only (no gradient through the masks).
+    Grid (N * N_CB * N_PB,).
+    """
+    pid = tl.program_id(0)
+    pb = pid % N_PB
+    rest = pid // N_PB
+    cb = rest % N_CB
+    n = rest // N_CB
+    c = cb * BC + tl.arange(0, BC)
+    cp = c + HALF
+    p = pb * BP + tl.arange(0, BP)
+    mc = c < HALF
+    m = mc[:, None] & (p < HW)[None, :]
+    p64 = p.to(tl.int64)
+    n64 = n.to(tl.int64)
+    c64 = c.to(tl.int64)[:, None]
+    cp64 = cp.to(tl.int64)[:, None]
+    wsum = _get_wsum(w_ptr, wsum_ptr, C, HAS_WSUM, FP64, BLOCK_W)
+    tau = _acc(tau_hi, FP64) + _acc(tau_lo, FP64)
+
+    xo = _pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
+    do = _pix_off(p64, W, sd_h, sd_w, FLAT)[None, :] + n64 * sd_n
+    xa = _acc(tl.load(x_ptr + xo + c64 * sx_c, mask=m, other=0.0), FP64)
+    xb = _acc(tl.load(x_ptr + xo + cp64 * sx_c, mask=m, other=0.0), FP64)
+    dsa = _acc(tl.load(ds_ptr + do + c64 * sd_c, mask=m, other=0.0), FP64)
+    dsb = _acc(tl.load(ds_ptr + do + cp64 * sd_c, mask=m, other=0.0), FP64)
+    mua, rsa, gama, beta_, wga = _channel_params(n, c, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum, FP64)
+    mub, rsb, gamb, betb, wgb = _channel_params(n, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum, FP64)
+    xha, ra = _reweight(xa, mua, rsa, gama, beta_, wga)
+    xhb, rb = _reweight(xb, mub, rsb, gamb, betb, wgb)
+    if HARD:
+        w1a = tl.where(ra > tau, 1.0, 0.0)
+        w1b = tl.where(rb > tau, 1.0, 0.0)
+        dxa = w1a * dsa + (1.0 - w1a) * dsb
+        dxb = w1b * dsb + (1.0 - w1b) * dsa
+    else:
+        dsum = dsa + dsb
+        dxa = tl.where(ra > tau, dsa, ra * dsum)
+        dxb = tl.where(rb > tau, dsb, rb * dsum)
+        dza = tl.where(ra <= tau, xa * dsum * ra * (1.0 - ra), 0.0)
+        dzb = tl.where(rb <= tau, xb * dsum * rb * (1.0 - rb), 0.0)
+        mf = _acc(M, FP64)
+        eps = _acc(eps_hi, FP64) + _acc(eps_lo, FP64)
+        ga = n * G + c // CG
+        gb = n * G + cp // CG
+        aa = _acc(tl.load(a_ptr + ga, mask=mc, other=0.0), FP64)
+        ba = _acc(tl.load(bsum_ptr + ga, mask=mc, other=0.0), FP64)
+        ab = _acc(tl.load(a_ptr + gb, mask=mc, other=0.0), FP64)
+        bb = _acc(tl.load(bsum_ptr + gb, mask=mc, other=0.0), FP64)
+        if TORCH_GN:
+            ka = rsa / mf
+            kb = rsb / mf
+        else:
+            # d std / d x_i = (x_i - mean) / ((M - 1) std), std = 1 / rstd - eps
+            sta = 1.0 / tl.where(mc, rsa, 1.0) - eps
+            stb = 1.0 / tl.where(mc, rsb, 1.0) - eps
+            ka = tl.where(sta > 0, 1.0 / ((mf - 1.0) * tl.where(sta > 0, sta, 1.0)), 0.0)
+            kb = tl.where(stb > 0, 1.0 / ((mf - 1.0) * tl.where(stb > 0, stb, 1.0)), 0.0)
+        dxa += rsa[:, None] * (dza * (wga * gama)[:, None] - (ba / mf)[:, None]) - (ka * aa)[:, None] * xha
+        dxb += rsb[:, None] * (dzb * (wgb * gamb)[:, None] - (bb / mf)[:, None]) - (kb * ab)[:, None] * xhb
+    go = _pix_off(p64, W, sg_h, sg_w, FLAT)[None, :] + n64 * sg_n
+    gdt = dx_ptr.dtype.element_ty
+    tl.store(dx_ptr + go + c64 * sg_c, dxa.to(gdt), mask=m)
+    tl.store(dx_ptr + go + cp64 * sg_c, dxb.to(gdt), mask=m)
+
+
+# ----------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TILE = 1024  # elements per [channels x pixels] tile of the streaming kernels
+_NUM_WARPS = 4
+_SM_COUNT: dict = {}
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _split_float(v: float) -> tuple[float, float]:
+    """v = hi + lo with hi, lo fp32 (lets fp64 kernels see an fp64 tau / eps)."""
+    hi = struct.unpack("f", struct.pack("f", float(v)))[0]  # no torch op: nothing to launch
+    lo = struct.unpack("f", struct.pack("f", float(v) - hi))[0]
+    return hi, lo
+
+
+def _target_programs(t: torch.Tensor) -> int:
+    """Programs wanted to fill the machine: 4 per SM on a GPU, a few in the interpreter."""
+    if t.is_cuda:
+        idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        if idx not in _SM_COUNT:
+            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        return 4 * _SM_COUNT[idx]
+    return 8
+
+
+def _strides(t: torch.Tensor):
+    """(s_n, s_c, s_h, s_w, flat): flat when pixel p = h*W + w sits at p * s_w (s_w replaced)."""
+    sn, sc, sh, sw = t.stride()
+    _, _, h, w = t.shape
+    if h == 1:
+        return sn, sc, 0, sw, True
+    if w == 1:
+        return sn, sc, 0, sh, True
+    if sh == w * sw:
+        return sn, sc, 0, sw, True
+    return sn, sc, sh, sw, False
+
+
+def _layout(tensors):
+    st = [_strides(t) for t in tensors]
+    flat = all(s[4] for s in st)
+    if not flat:  # generic (p // W, p % W) addressing for every tensor
+        st = [(*t.stride(), False) for t in tensors]
+    return [s[:4] for s in st], flat
+
+
+def _np2(v: int) -> int:
+    return triton.next_power_of_2(max(int(v), 1))
+
+
+def _channels_fastest(x: torch.Tensor) -> bool:
+    return x.stride(1) == 1 and x.shape[1] > 1 and x.stride(3) != 1
+
+
+def _default_tile(x: torch.Tensor) -> int:
+    """Elements per tile: 1024 (NCHW), 2048 (channels_last: longer pixel runs per program
+    amortise the per-channel vector loads), halved for fp64 (register pressure)."""
+    t = 2 * _TILE if _channels_fastest(x) else _TILE
+    return t // 2 if x.dtype == torch.float64 else t
+
+
+def _blocks(x: torch.Tensor, rows: int, hw: int, tile: int):
+    """(BC, BP, num_warps): pixels fastest for NCHW, channels fastest for channels_last."""
+    if _channels_fastest(x):
+        bc = min(_np2(rows), 32, tile)
+        bp = min(_np2(hw), max(1, tile // bc))
+    else:
+        bp = min(_np2(hw), tile)
+        bc = min(_np2(rows), max(1, tile // bp))
+    return bc, bp, (8 if bc * bp >= 2048 else 4)
+
+
+def _check_x(x: torch.Tensor, who: str):
+    if x.dim() != 4:
+        raise ValueError(f"{who}: expected a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{who}: unsupported dtype {x.dtype}")
+    if x.shape[1] % 2:
+        raise ValueError(f"{who}: channels ({x.shape[1]}) must be even")
+
+
+def _vec(t: torch.Tensor, c: int, name: str) -> torch.Tensor:
+    t = t.reshape(-1)
+    if t.numel() != c:
+        raise ValueError(f"{name} must have {c} elements, got {t.numel()}")
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def sru_stats(x: torch.Tensor, group_num: int, eps: float, torch_gn: bool, *,
+              weight: torch.Tensor | None = None, split: int | None = None, tile: int | None = None):
+    """Per (sample, group) mean and rstd of x (N, C, H, W), numerically robust (Chan merging).
+
+    Returns (mean, rstd), each (N, group_num), fp32 (fp64 for fp64 x). rstd = 1/sqrt(var + eps)
+    with the biased variance when ``torch_gn``, else 1/(std + eps) with the unbiased std.
+    With ``weight`` (gamma, C elements) it returns (mean, rstd, wsum): wsum = sum(weight), a
+    (1,) tensor written by the merge kernel for ``sru_apply(..., wsum=wsum)`` (no extra launch).
+    ``split`` (programs per group) and ``tile`` (elements per tile) override the defaults.
+    Launches 2 kernels.
+    """
+    _check_x(x, "sru_stats")
+    N, C, H, W = x.shape
+    if C % group_num:
+        raise ValueError(f"channels ({C}) must be divisible by group_num ({group_num})")
+    G, CG, HW = group_num, C // group_num, H * W
+    acc = _acc_dtype(x)
+    fp64 = acc == torch.float64
+    mean = torch.empty((N, G), device=x.device, dtype=acc)
+    rstd = torch.empty((N, G), device=x.device, dtype=acc)
+    wsum = None
+    if weight is not None:
+        weight = _vec(weight, C, "weight")
+        wsum = torch.empty((1,), device=x.device, dtype=acc)
+    if N == 0:
+        if wsum is not None:
+            wsum.copy_(weight.sum())
+            return mean, rstd, wsum
+        return mean, rstd
+    bj, bp, warps = _blocks(x, CG, HW, tile or 2 * _default_tile(x))
+    n_tiles = triton.cdiv(CG, bj) * triton.cdiv(HW, bp)
+    if split is None:
+        split = max(1, _target_programs(x) // (N * G))
+    split = max(1, min(int(split), n_tiles))
+    per = triton.cdiv(n_tiles, split)
+    split = triton.cdiv(n_tiles, per)
+    part = torch.empty((N * G, split, 4), device=x.device, dtype=acc)
+    (sx,), flat = _layout([x])
+    _sru_stats_partial_kernel[(N * G, split)](
+        x, part, W, HW, G, CG, *sx, per, split,
+        FLAT=flat, FP64=fp64, BJ=bj, BP=bp, num_warps=warps,
+    )
+    eh, el = _split_float(eps)
+    block = min(_np2(N * G), 256)
+    _sru_stats_merge_kernel[(triton.cdiv(N * G, block),)](
+        part, mean, rstd, weight if wsum is not None else part, wsum if wsum is not None else part,
+        N * G, split, CG * HW, eh, el, C,
+        TORCH_GN=bool(torch_gn), FP64=fp64, BLOCK=block, WRITE_WSUM=wsum is not None,
+        BLOCK_W=_block_w(C), num_warps=_NUM_WARPS,
+    )
+    return (mean, rstd) if wsum is None else (mean, rstd, wsum)
+
+
+def _block_w(c: int) -> int:
+    return min(_np2(c), 1024)
+
+
+def sru_apply(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor, tau: float, hard: bool, *, wsum: torch.Tensor | None = None,
+              tile: int | None = None) -> torch.Tensor:
+    """Fused SRU forward: s = cross-reconstruction of the gated x. One launch.
+
+    x: (N, C, H, W) any strides; mean, rstd: (N, G) from :func:`sru_stats`; weight, bias:
+    gamma and beta with C elements; w_gamma = weight / sum(weight), with sum(weight) read from
+    ``wsum`` ((1,) tensor, e.g. from ``sru_stats(..., weight=)``) or else summed in-kernel.
+    Returns s = torch.empty_like(x) (same memory format, dtype of x).
+    """
+    _check_x(x, "sru_apply")
+    N, C, H, W = x.shape
+    G = mean.shape[-1]
+    weight = _vec(weight, C, "weight")
+    bias = _vec(bias, C, "bias")
+    out = torch.empty_like(x)
+    if out.numel() == 0:
+        return out
+    HW, half = H * W, C // 2
+    bc, bp, warps = _blocks(x, half, HW, tile or _default_tile(x))
+    n_cb, n_pb = triton.cdiv(half, bc), triton.cdiv(HW, bp)
+    (sx, so), flat = _layout([x, out])
+    th, tlo = _split_float(tau)
+    _sru_apply_kernel[(N * n_cb * n_pb,)](
+        x, out, mean, rstd, weight, bias, wsum if wsum is not None else mean,
+        C, half, W, HW, G, C // G, *sx, *so, th, tlo, n_cb, n_pb,
+        HARD=bool(hard), FLAT=flat, FP64=x.dtype == torch.float64, HAS_WSUM=wsum is not None,
+        BC=bc, BP=bp, BLOCK_W=_block_w(C), num_warps=warps,
+    )
+    return out
+
+
+def sru_backward(ds: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                 weight: torch.Tensor, bias: torch.Tensor, tau: float, hard: bool, torch_gn: bool,
+                 eps: float, needs_input_grad_params: bool, needs_input_grad_x: bool = True, *,
+                 split: int | None = None, tile: int | None = None):
+    """SRU backward from x and the saved stats: returns (dx, dweight, dbias).
+
+    dx like x (same memory format) or None when not needed; dweight, dbias: (C,) in
+    weight's dtype, None when ``hard`` (no gradient through the masks) or not needed.
+    Soft gate: partial kernel (reads x, ds), reduce kernel (tiny), finalize (C-sized, only
+    for parameter gradients), dx kernel (reads x, ds, writes dx). Hard gate: the dx kernel only.
+    Per-channel sums over the batch use per-(n, split) partials then one fixed-order reduction.
+    """
+    _check_x(x, "sru_backward")
+    if ds.shape != x.shape:
+        raise ValueError(f"ds shape {tuple(ds.shape)} != x shape {tuple(x.shape)}")
+    N, C, H, W = x.shape
+    G = mean.shape[-1]
+    CG, HW, half = C // G, H * W, C // 2
+    weight = _vec(weight, C, "weight")
+    bias = _vec(bias, C, "bias")
+    acc = _acc_dtype(x)
+    fp64 = acc == torch.float64
+    want_params = bool(needs_input_grad_params) and not hard
+    dx = torch.empty_like(x) if needs_input_grad_x else None
+    dweight = torch.empty(C, device=x.device, dtype=weight.dtype) if want_params else None
+    dbias = torch.empty(C, device=x.device, dtype=weight.dtype) if want_params else None
+    if x.numel() == 0:
+        if dx is not None:
+            dx.zero_()
+        if want_params:
+            dweight.zero_()
+            dbias.zero_()
+        return dx, dweight, dbias
+    bc, bp, warps = _blocks(x, half, HW, tile or _default_tile(x))
+    n_cb, n_pb = triton.cdiv(half, bc), triton.cdiv(HW, bp)
+    th, tlo = _split_float(tau)
+    eh, el = _split_float(eps)
+    bw = _block_w(C)
+    a = bsum = wsum = mean  # placeholders, unused by the hard-gate dx kernel
+    if not hard and (needs_input_grad_x or want_params):
+        if split is None:
+            split = max(1, _target_programs(x) // (N * n_cb))
+        split = max(1, min(int(split), n_pb))
+        per = triton.cdiv(n_pb, split)
+        split = triton.cdiv(n_pb, per)
+        p = torch.empty((N * split, C), device=x.device, dtype=acc)
+        q = torch.empty((N * split, C), device=x.device, dtype=acc)
+        (sx, sd), flat = _layout([x, ds])
+        _sru_bwd_partial_kernel[(N * n_cb * split,)](
+            x, ds, p, q, mean, rstd, weight, bias,
+            C, half, W, HW, G, CG, *sx, *sd, th, tlo, n_cb, split, per,
+            FLAT=flat, FP64=fp64, BC=bc, BP=bp, BLOCK_W=bw, num_warps=warps,
+        )
+        a = torch.empty((N, G), device=x.device, dtype=acc)
+        wsum = torch.empty((1,), device=x.device, dtype=acc)
+        bsum = torch.empty((N, G), device=x.device, dtype=acc)
+        bcr = min(_np2(C), 128)
+        n_crb = triton.cdiv(C, bcr) if want_params else 0
+        xg = torch.empty(C, device=x.device, dtype=acc) if want_params else a
+        t = torch.empty(max(n_crb, 1), device=x.device, dtype=acc)
+        bj = min(_np2(CG), 64)
+        bg = min(_np2(G), max(1, 256 // bj))
+        _sru_bwd_reduce_kernel[(N + n_crb,)](
+            p, q, weight, bias, a, bsum, dbias if want_params else a, xg, t, wsum,
+            N, C, G, CG, split,
+            FP64=fp64, BG=bg, BJ=bj, BR=min(_np2(N * split), 8), BCR=bcr, BLOCK_W=bw,
+            num_warps=_NUM_WARPS,
+        )
+        if want_params:
+            _sru_bwd_finalize_kernel[(1,)](
+                xg, t, weight, dweight, C, n_crb,
+                FP64=fp64, BLOCK_T=_np2(n_crb), BLOCK_W=bw, num_warps=_NUM_WARPS,
+            )
+    if needs_input_grad_x:
+        (sx, sd, sg), flat = _layout([x, ds, dx])
+        _sru_bwd_dx_kernel[(N * n_cb * n_pb,)](
+            x, ds, dx, mean, rstd, weight, bias, a, bsum, wsum,
+            C, half, W, HW, G, CG, CG * HW, eh, el, *sx, *sd, *sg, th, tlo, n_cb, n_pb,
+            HARD=bool(hard), TORCH_GN=bool(torch_gn), FLAT=flat, FP64=fp64, HAS_WSUM=not hard,
+            BC=bc, BP=bp, BLOCK_W=bw, num_warps=warps,
+        )
+    return dx, dweight, dbias
+
+
+# ----------------------------------------------------------------------------------------
+# ahead-of-time compilation specs (tests/test_aot.py)
+# ----------------------------------------------------------------------------------------
+def aot_specs():
+    """Specialisations the launchers use at N=2, C=64 (16 groups), 56x56: fp32 NCHW and bf16
+    channels_last (tiles and warps from the launchers' own choices); fp32 for the N x G and
+    C-sized kernels plus a bf16-weight variant of those that read / write the weight.
+    Strides equal to 1 are constexpr, as the JIT specialises them.
+    """
+    from scconv_triton.testing import AotSpec
+
+    N, C, G, H, W = 2, 64, 16, 56, 56
+    CG, HW = C // G, H * W
+    tdt = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+    specs = []
+    for dtype, cl in ((torch.float32, False), (torch.bfloat16, True)):
+        x = torch.empty((N, C, H, W), device="meta", dtype=dtype)
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        xt = f"*{tdt[dtype]}"
+        unit = "c" if cl else "w"
+
+        def strides(*prefixes):
+            sig, const = {}, {}
+            for pre in prefixes:
+                sig.update({f"{pre}_n": "i32", f"{pre}_c": "i32", f"{pre}_h": "i32", f"{pre}_w": "i32"})
+                sig[f"{pre}_{unit}"] = "constexpr"
+                const[f"{pre}_{unit}"] = 1
+            return sig, const
+
+        bj, bpj, wj = _blocks(x, CG, HW, 2 * _default_tile(x))
+        bc, bp, wa = _blocks(x, C // 2, HW, _default_tile(x))
+        bw = _block_w(C)
+        sig, const = strides("sx")
+        specs.append(AotSpec(
+            _sru_stats_partial_kernel,
+            {"x_ptr": xt, "part_ptr": "*fp32", "W": "i32", "HW": "i32", "G": "i32", "CG": "i32",
+             **sig, "TILES_PER_PROG": "i32", "SPLIT": "i32",
+             "FLAT": "constexpr", "FP64": "constexpr", "BJ": "constexpr", "BP": "constexpr"},
+            {**const, "FLAT": True, "FP64": False, "BJ": bj, "BP": bpj}, num_warps=wj,
+        ))
+        common = {"C": "i32", "HALF": "i32", "W": "i32", "HW": "i32", "G": "i32", "CG": "i32"}
+        sig, const = strides("sx", "so")
+        specs.append(AotSpec(
+            _sru_apply_kernel,
+            {"x_ptr": xt, "out_ptr": xt, "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "w_ptr": xt, "b_ptr": xt,
+             "wsum_ptr": "*fp32", **common, **sig,
+             "tau_hi": "fp32", "tau_lo": "fp32", "N_CB": "i32", "N_PB": "i32",
+             "HARD": "constexpr", "FLAT": "constexpr", "FP64": "constexpr", "HAS_WSUM": "constexpr",
+             "BC": "constexpr", "BP": "constexpr", "BLOCK_W": "constexpr"},
+            {**const, "HARD": False, "FLAT": True, "FP64": False, "HAS_WSUM": True, "BC": bc, "BP": bp,
+             "BLOCK_W": bw}, num_warps=wa,
+        ))
+        sig, const = strides("sx", "sd")
+        specs.append(AotSpec(
+            _sru_bwd_partial_kernel,
+            {"x_ptr": xt, "ds_ptr": xt, "p_ptr": "*fp32", "q_ptr": "*fp32", "mean_ptr": "*fp32",
+             "rstd_ptr": "*fp32", "w_ptr": xt, "b_ptr": xt, **common, **sig,
+             "tau_hi": "fp32", "tau_lo": "fp32", "N_CB": "i32", "SPLIT": "i32", "PB_PER_PROG": "i32",
+             "FLAT": "constexpr", "FP64": "constexpr", "BC": "constexpr", "BP": "constexpr",
+             "BLOCK_W": "constexpr"},
+            {**const, "FLAT": True, "FP64": False, "BC": bc, "BP": bp, "BLOCK_W": bw}, num_warps=wa,
+        ))
+        specs.append(AotSpec(
+            _sru_bwd_reduce_kernel,
+            {"p_ptr": "*fp32", "q_ptr": "*fp32", "w_ptr": xt, "b_ptr": xt, "a_ptr": "*fp32",
+             "bsum_ptr": "*fp32", "dbias_ptr": xt, "xg_ptr": "*fp32", "t_ptr": "*fp32", "wsum_ptr": "*fp32",
+             "N": "i32", "C": "i32", "G": "i32", "CG": "i32", "SPLIT": "i32",
+             "FP64": "constexpr", "BG": "constexpr", "BJ": "constexpr", "BR": "constexpr",
+             "BCR": "constexpr", "BLOCK_W": "constexpr"},
+            {"FP64": False, "BG": min(_np2(G), max(1, 256 // min(_np2(CG), 64))), "BJ": min(_np2(CG), 64),
+             "BR": 8, "BCR": min(_np2(C), 128), "BLOCK_W": bw},
+            num_warps=_NUM_WARPS,
+        ))
+        specs.append(AotSpec(
+            _sru_bwd_finalize_kernel,
+            {"xg_ptr": "*fp32", "t_ptr": "*fp32", "w_ptr": xt, "dw_ptr": xt, "C": "i32", "NT": "i32",
+             "FP64": "constexpr", "BLOCK_T": "constexpr", "BLOCK_W": "constexpr"},
+            {"FP64": False, "BLOCK_T": 1, "BLOCK_W": bw}, num_warps=_NUM_WARPS,
+        ))
+        sig, const = strides("sx", "sd", "sg")
+        for hard in (False, True):
+            specs.append(AotSpec(
+                _sru_bwd_dx_kernel,
+                {"x_ptr": xt, "ds_ptr": xt, "dx_ptr": xt, "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+                 "w_ptr": xt, "b_ptr": xt, "a_ptr": "*fp32", "bsum_ptr": "*fp32", "wsum_ptr": "*fp32",
+                 **common, "M": "i32", "eps_hi": "fp32", "eps_lo": "fp32", **sig,
+                 "tau_hi": "fp32", "tau_lo": "fp32", "N_CB": "i32", "N_PB": "i32",
+                 "HARD": "constexpr", "TORCH_GN": "constexpr", "FLAT": "constexpr", "FP64": "constexpr",
+                 "HAS_WSUM": "constexpr", "BC": "constexpr", "BP": "constexpr", "BLOCK_W": "constexpr"},
+                {**const, "HARD": hard, "TORCH_GN": not cl, "FLAT": True, "FP64": False, "HAS_WSUM": not hard,
+                 "BC": bc, "BP": bp, "BLOCK_W": bw}, num_warps=wa,
+            ))
+    specs.append(AotSpec(
+        _sru_stats_merge_kernel,
+        {"part_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "w_ptr": "*fp32", "wsum_ptr": "*fp32",
+         "NG": "i32", "SPLIT": "i32", "M": "i32", "eps_hi": "fp32", "eps_lo": "fp32", "C": "i32",
+         "TORCH_GN": "constexpr", "FP64": "constexpr", "BLOCK": "constexpr", "WRITE_WSUM": "constexpr",
+         "BLOCK_W": "constexpr"},
+        {"TORCH_GN": True, "FP64": False, "BLOCK": min(_np2(N * G), 256), "WRITE_WSUM": True,
+         "BLOCK_W": _block_w(C)}, num_warps=_NUM_WARPS,
+    ))
+    return specs
