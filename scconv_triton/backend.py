@@ -4,7 +4,8 @@
 Triton interpreter is on (``TRITON_INTERPRET=1`` set before the kernels were
 imported); otherwise the reference math. Force a choice per module
 (``SCConv(..., backend="reference")``), per region (``with use_backend("triton"):``)
-or per process (``SCCONV_BACKEND=reference``).
+or per process (``SCCONV_BACKEND=reference``). Under torch.compile the choice is
+read when a graph is traced and stays fixed for that graph.
 """
 from __future__ import annotations
 
@@ -44,20 +45,30 @@ def use_backend(name: str):
         _forced.reset(token)
 
 
+@torch.compiler.assume_constant_result
+def _ambient() -> tuple[str, bool]:
+    """(the choice forced by use_backend or SCCONV_BACKEND, whether the interpreter is on).
+
+    Read in Python, not traced: under torch.compile the result is a constant of the
+    graph, so choosing a backend never breaks a graph.
+    """
+    forced = _forced.get()
+    if forced in (None, "auto"):
+        forced = _check(os.environ.get("SCCONV_BACKEND", "auto"))
+    return forced, interpreter_enabled()
+
+
 def resolve(x: torch.Tensor, requested: str | None = None) -> str:
     """Return "triton" or "reference" for input ``x``.
 
     Precedence: an explicit ``requested`` other than "auto", then ``use_backend``,
     then the SCCONV_BACKEND environment variable, then auto.
     """
+    forced, interpret = _ambient()
     choice = requested if requested not in (None, "auto") else None
-    if choice is None:
-        forced = _forced.get()
-        choice = forced if forced not in (None, "auto") else None
-    if choice is None:
-        env = os.environ.get("SCCONV_BACKEND", "auto")
-        choice = _check(env) if env != "auto" else None
-    can_triton = x.is_cuda or (x.device.type == "cpu" and interpreter_enabled())
+    if choice is None and forced != "auto":
+        choice = forced
+    can_triton = x.is_cuda or (x.device.type == "cpu" and interpret)
     if choice is None:
         return "triton" if can_triton else "reference"
     _check(choice)

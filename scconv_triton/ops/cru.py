@@ -1,0 +1,329 @@
+"""The fused CRU: autograd glue around the Triton kernels of ``scconv_triton.kernels.cru``.
+
+Forward (``cru_forward_core``), with s the CRU input (N, Cin, H, W), NCHW or channels_last:
+
+1. ``cru_weights`` (Triton, weight-sized): the merged Y1 weight W = dense(GWC.weight)
+   (block-diagonal) + PWC1.weight in the centre tap, and the squeeze weight used by
+   the backward (cat of both squeezes for a groups=2 conv when u == l, else block-diagonal).
+2. up = squeeze1(s[:, :u]), low = squeeze2(s[:, u:]): two GEMMs (``mm`` on the
+   channels_last rows, ``bmm`` over the batch for NCHW) that read the two halves of s
+   in place through strides and write up and low as two separately contiguous tensors,
+   so the convolutions below get contiguous inputs (no hidden ``.contiguous()`` copy
+   inside cuDNN, which a channel slice of one grouped-conv output would cause).
+3. Y1 = conv(up, W, GWC.bias, k x k, stride s)        (GWC + PWC1 as one convolution)
+4. P2 = conv(low, PWC2.weight, stride s)              (skipped when PWC2 has 0 channels)
+5. ``cru_pool`` (Triton): means of Y1, P2 and ident = low[:, :, ::s, ::s] (a view).
+6. ``cru_combine`` (Triton): softmax (channel or pairwise), out = A1*Y1 + A2*Y2; stores A.
+
+Backward (``cru_backward_core``): ``cru_reduce`` (dA = sums of dout*Z), ``cru_combine_bwd``
+(softmax Jacobian; dY1, dP2, dident), ``convolution_backward`` of Y1 and of PWC2,
+``cru_dsq`` (d_up and d_low + the strided identity gradient as one tensor), one
+``convolution_backward`` of the squeezes (groups=2 when u == l) giving ds and both squeeze
+weight gradients, and ``cru_wgrad`` (Triton, weight-sized) splitting the merged weight's
+gradient back into GWC.weight and PWC1.weight gradients.
+
+The Triton launchers are torch.library custom ops (``scconv_triton::cru_*``) with fake
+implementations, so torch.compile(fullgraph=True) traces CRUFunction without graph breaks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._config import CRUShape
+from ..kernels import cru as K
+
+__all__ = [
+    "cru_forward_core",
+    "cru_backward_core",
+    "CRUFunction",
+    "cru",
+    "cru_module_forward",
+]
+
+_LIB = "scconv_triton"
+
+
+# ----------------------------------------------------------------------------- custom ops
+def _fmt(channels_last: bool):
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+@torch.library.custom_op(f"{_LIB}::cru_weights", mutates_args=())
+def cru_weights(
+    w_gwc: Tensor, w_pwc1: Tensor, w_sq1: Tensor, w_sq2: Tensor, groups: int, channels_last: bool
+) -> tuple[Tensor, Tensor]:
+    return K.cru_weights(w_gwc, w_pwc1, w_sq1, w_sq2, groups, channels_last)
+
+
+@cru_weights.register_fake
+def _(w_gwc, w_pwc1, w_sq1, w_sq2, groups, channels_last):
+    c, cig, k, _ = w_gwc.shape
+    usq, u = w_sq1.shape[:2]
+    lsq, l_ = w_sq2.shape[:2]
+    qin = u if u == l_ else u + l_
+    wm = w_gwc.new_empty((c, cig * groups, k, k)).contiguous(memory_format=_fmt(channels_last))
+    return wm, w_sq1.new_empty((usq + lsq, qin, 1, 1))
+
+
+@torch.library.custom_op(f"{_LIB}::cru_pool", mutates_args=())
+def cru_pool(y1: Tensor, p2: Tensor, ident: Tensor) -> Tensor:
+    return K.cru_pool(y1, p2, ident)
+
+
+@cru_pool.register_fake
+def _(y1, p2, ident):
+    return y1.new_empty((y1.shape[0], 2 * y1.shape[1]), dtype=K.acc_dtype(y1.dtype))
+
+
+@torch.library.custom_op(f"{_LIB}::cru_combine", mutates_args=())
+def cru_combine(y1: Tensor, p2: Tensor, ident: Tensor, m: Tensor, pairwise: bool) -> tuple[Tensor, Tensor]:
+    return K.cru_combine(y1, p2, ident, m, pairwise)
+
+
+@cru_combine.register_fake
+def _(y1, p2, ident, m, pairwise):
+    return torch.empty_like(y1), torch.empty_like(m)
+
+
+@torch.library.custom_op(f"{_LIB}::cru_reduce", mutates_args=())
+def cru_reduce(dout: Tensor, y1: Tensor, p2: Tensor, ident: Tensor) -> Tensor:
+    return K.cru_reduce(dout, y1, p2, ident)
+
+
+@cru_reduce.register_fake
+def _(dout, y1, p2, ident):
+    return y1.new_empty((y1.shape[0], 2 * y1.shape[1]), dtype=K.acc_dtype(y1.dtype))
+
+
+@torch.library.custom_op(f"{_LIB}::cru_combine_bwd", mutates_args=())
+def cru_combine_bwd(
+    dout: Tensor, a: Tensor, da: Tensor, p: int, pairwise: bool, dtype: torch.dtype, channels_last: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    return K.cru_combine_bwd(dout, a, da, p, pairwise, dtype, channels_last)
+
+
+@cru_combine_bwd.register_fake
+def _(dout, a, da, p, pairwise, dtype, channels_last):
+    n, c, ho, wo = dout.shape
+    kw = dict(dtype=dtype, device=dout.device, memory_format=_fmt(channels_last))
+    return (
+        torch.empty((n, c, ho, wo), **kw),
+        torch.empty((n, p, ho, wo), **kw),
+        torch.empty((n, c - p, ho, wo), **kw),
+    )
+
+
+@torch.library.custom_op(f"{_LIB}::cru_dsq", mutates_args=())
+def cru_dsq(d_up: Tensor, d_low: Tensor, d_id: Tensor, stride: int, channels_last: bool) -> Tensor:
+    return K.cru_dsq(d_up, d_low, d_id, stride, channels_last)
+
+
+@cru_dsq.register_fake
+def _(d_up, d_low, d_id, stride, channels_last):
+    n, cu, h, w = d_up.shape
+    return torch.empty(
+        (n, cu + d_id.shape[1], h, w), dtype=d_up.dtype, device=d_up.device, memory_format=_fmt(channels_last)
+    )
+
+
+@torch.library.custom_op(f"{_LIB}::cru_wgrad", mutates_args=())
+def cru_wgrad(dwm: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    return K.cru_wgrad(dwm, groups)
+
+
+@cru_wgrad.register_fake
+def _(dwm, groups):
+    c, cin, k, _ = dwm.shape
+    return dwm.new_empty((c, cin // groups, k, k)), dwm.new_empty((c, cin, 1, 1))
+
+
+# ----------------------------------------------------------------------------- helpers
+def _layout(s: Tensor) -> tuple[Tensor, bool]:
+    """(s, channels_last): s itself when it is NCHW- or channels_last-contiguous, else
+    an explicit NCHW copy (the only copy of the path; never taken for the outputs of
+    this library's own SRU, of a conv, or of a user's NCHW / channels_last tensor)."""
+    if s.is_contiguous():
+        return s, False
+    if s.is_contiguous(memory_format=torch.channels_last):
+        return s, True
+    return s.contiguous(), False
+
+
+def _pointwise(x: Tensor, w2d: Tensor, channels_last: bool) -> Tensor:
+    """1x1 conv of x (N, Ci, H, W), a channel slice of an NCHW / channels_last tensor,
+    with w2d (Co, Ci): one GEMM reading x in place, output contiguous in the same format."""
+    n, ci, h, w = x.shape
+    co = w2d.shape[0]
+    if channels_last:
+        # rows of the NHWC storage: (N*H*W, Ci) with row stride Cin, a view (no copy)
+        y = torch.mm(x.permute(0, 2, 3, 1).view(n * h * w, ci), w2d.t())
+        return y.view(n, h, w, co).permute(0, 3, 1, 2)
+    y = torch.bmm(w2d.expand(n, co, ci), x.view(n, ci, h * w))
+    return y.view(n, co, h, w)
+
+
+def _out_hw(shape: CRUShape, h: int, w: int) -> tuple[int, int]:
+    s = shape.stride
+    return (h - 1) // s + 1, (w - 1) // s + 1
+
+
+def _squeeze_groups(shape: CRUShape) -> int:
+    return 2 if shape.up == shape.low else 1
+
+
+# ----------------------------------------------------------------------------- cores
+def cru_forward_core(
+    s: Tensor,
+    w_sq1: Tensor,
+    w_sq2: Tensor,
+    w_gwc: Tensor,
+    b_gwc: Tensor,
+    w_pwc1: Tensor,
+    w_pwc2: Tensor,
+    shape: CRUShape,
+    softmax: str,
+    recompute: bool,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """CRU forward from its input s. Returns (out, saved), ``saved`` being everything the
+    backward needs except s: (up, low, A, W_merged, W_sq) and, unless ``recompute``,
+    (Y1, P2) too. up/low: squeezed tensors (N, up_sq|low_sq, H, W); A: softmax
+    coefficients (N, 2*Cout) fp32 (fp64 for fp64); W_merged, W_sq: weight-sized."""
+    s, cl = _layout(s)
+    u, st, k = shape.up, shape.stride, shape.kernel_size
+    wm, wsq = cru_weights(w_gwc, w_pwc1, w_sq1, w_sq2, shape.group_size, cl)
+    up = _pointwise(s[:, :u], w_sq1.view(shape.up_sq, u), cl)
+    low = _pointwise(s[:, u:], w_sq2.view(shape.low_sq, shape.low), cl)
+    y1 = F.conv2d(up, wm, b_gwc, stride=st, padding=k // 2)
+    p2 = _pwc2(low, w_pwc2, shape, y1)
+    ident = low[:, :, ::st, ::st]
+    m = cru_pool(y1, p2, ident)
+    out, a = cru_combine(y1, p2, ident, m, softmax == "pairwise")
+    saved = (up, low, a, wm, wsq) if recompute else (up, low, a, wm, wsq, y1, p2)
+    return out, saved
+
+
+def _pwc2(low: Tensor, w_pwc2: Tensor, shape: CRUShape, y1: Tensor) -> Tensor:
+    if shape.pwc2_out == 0:
+        n, _, ho, wo = y1.shape
+        return low.new_empty((n, 0, ho, wo))
+    return F.conv2d(low, w_pwc2, None, stride=shape.stride)
+
+
+def cru_backward_core(
+    dout: Tensor,
+    s: Tensor,
+    saved: tuple[Tensor, ...],
+    w_sq1: Tensor,
+    w_sq2: Tensor,
+    w_gwc: Tensor,
+    b_gwc: Tensor,
+    w_pwc1: Tensor,
+    w_pwc2: Tensor,
+    shape: CRUShape,
+    softmax: str,
+    recompute: bool,
+    need_ds: bool,
+):
+    """Gradients (ds, d_sq1, d_sq2, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2) of the CRU.
+
+    ``s`` is the CRU input (saved by CRUFunction, recomputed by the SCConv Function);
+    ``saved`` is what ``cru_forward_core`` returned. With ``recompute`` Y1 and P2 are
+    recomputed here from the saved up/low (two convolutions). ds is None unless need_ds.
+    """
+    s, cl = _layout(s)
+    if recompute:
+        up, low, a, wm, wsq = saved
+    else:
+        up, low, a, wm, wsq, y1, p2 = saved
+    st, k, g = shape.stride, shape.kernel_size, shape.group_size
+    if recompute:
+        y1 = F.conv2d(up, wm, b_gwc, stride=st, padding=k // 2)
+        p2 = _pwc2(low, w_pwc2, shape, y1)
+    ident = low[:, :, ::st, ::st]
+    pairwise = softmax == "pairwise"
+    da = cru_reduce(dout, y1, p2, ident)
+    dy1, dp2, did = cru_combine_bwd(dout, a, da, shape.pwc2_out, pairwise, y1.dtype, cl)
+    conv_bwd = torch.ops.aten.convolution_backward.default
+    d_up, d_wm, d_b = conv_bwd(
+        dy1, up, wm, [shape.out_channels], [st, st], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [True, True, True]
+    )
+    if shape.pwc2_out > 0:
+        d_low, d_pwc2, _ = conv_bwd(
+            dp2, low, w_pwc2, None, [st, st], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False]
+        )
+    else:
+        d_low = low.new_empty((0,))
+        d_pwc2 = torch.empty_like(w_pwc2)  # PWC2 has no output channels: zero elements, no launch
+    d_sq = cru_dsq(d_up, d_low, did, st, cl)
+    gq = _squeeze_groups(shape)
+    ds, d_wsq, _ = conv_bwd(
+        d_sq, s, wsq, None, [1, 1], [0, 0], [1, 1], False, [0, 0], gq, [bool(need_ds), True, False]
+    )
+    usq = shape.up_sq
+    if gq == 2:
+        d_sq1, d_sq2 = d_wsq[:usq], d_wsq[usq:]
+    else:
+        d_sq1, d_sq2 = d_wsq[:usq, : shape.up], d_wsq[usq:, shape.up :]
+    d_gwc_w, d_pwc1 = cru_wgrad(d_wm, g)
+    return (ds if need_ds else None), d_sq1, d_sq2, d_gwc_w, d_b, d_pwc1, d_pwc2
+
+
+# ----------------------------------------------------------------------------- Function
+class CRUFunction(torch.autograd.Function):
+    """Fused CRU as one autograd node.
+
+    Saves for backward: the input s, the squeezed tensors up (N, up_sq, H, W) and low
+    (N, low_sq, H, W), the softmax coefficients A (N, 2*Cout), the merged Y1 weight and
+    the squeeze weight (weight-sized), the parameters, and, when ``recompute`` is False,
+    the convolution outputs Y1 (N, Cout, Ho, Wo) and P2 (N, pwc2_out, Ho, Wo).
+    With ``recompute=True`` the backward recomputes Y1 and P2 from up and low (two
+    convolutions) instead of saving them. Nothing else is saved: Y2, Z, the pooled
+    means and the identity branch (a strided view of low) are never materialised.
+    """
+
+    @staticmethod
+    def forward(ctx, s, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, recompute):
+        out, saved = cru_forward_core(s, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, recompute)
+        ctx.save_for_backward(s, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, *saved)
+        ctx.shape, ctx.softmax, ctx.recompute = shape, softmax, recompute
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        s, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, *saved = ctx.saved_tensors
+        grads = cru_backward_core(
+            dout, s, tuple(saved), w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2,
+            ctx.shape, ctx.softmax, ctx.recompute, ctx.needs_input_grad[0],
+        )
+        return (*grads, None, None, None)
+
+
+def cru(
+    x: Tensor,
+    w_sq1: Tensor,
+    w_sq2: Tensor,
+    w_gwc: Tensor,
+    b_gwc: Tensor,
+    w_pwc1: Tensor,
+    w_pwc2: Tensor,
+    shape: CRUShape,
+    softmax: str = "channel",
+    recompute: bool = False,
+) -> Tensor:
+    """Functional fused CRU (differentiable in x and every weight)."""
+    return CRUFunction.apply(x, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, recompute)
+
+
+def cru_module_forward(module, x: Tensor) -> Tensor:
+    """Forward of ``scconv_triton.modules.CRU`` through the fused path.
+
+    Under torch.autocast the input and the (small) parameters are cast to the autocast
+    dtype first (``modules.fused_inputs`` when the modules layer provides it)."""
+    params = [module.squeeze1.weight, module.squeeze2.weight, module.GWC.weight, module.GWC.bias,
+              module.PWC1.weight, module.PWC2.weight]
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, params = x.to(dtype), [p.to(dtype) for p in params]
+    return cru(x, *params, module.shape, module.softmax, module.recompute)
