@@ -20,6 +20,7 @@ import scconv_triton
 from scconv_triton import reference as ref
 from scconv_triton._config import check_scconv
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EXAMPLES = int(os.environ.get("SCCONV_HYPOTHESIS_EXAMPLES", "12"))
 
 
@@ -65,7 +66,8 @@ def _rel(a, b):
     channels_last=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_fused_equals_reference_fp64(cfg, n, h, w, channels_last, seed, device):
+def test_fused_equals_reference_fp64(cfg, n, h, w, channels_last, seed):
+    device = DEVICE
     torch.manual_seed(seed)
     fused = scconv_triton.SCConv(**cfg, backend="triton").to(device, torch.float64)
     with torch.no_grad():
