@@ -187,9 +187,12 @@ def cru_forward_core(
     recompute: bool,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """CRU forward from its input s. Returns (out, saved), ``saved`` being everything the
-    backward needs except s: (up, low, A, W_merged, W_sq) and, unless ``recompute``,
+    backward needs except s and the parameters: (up, low, A) and, unless ``recompute``,
     (Y1, P2) too. up/low: squeezed tensors (N, up_sq|low_sq, H, W); A: softmax
-    coefficients (N, 2*Cout) fp32 (fp64 for fp64); W_merged, W_sq: weight-sized."""
+    coefficients (N, 2*Cout) fp32 (fp64 for fp64). The merged weights are not saved:
+    at small spatial sizes they outweigh the activations (512 channels at 7x7: the
+    merged Y1 weight is ~6x an input-sized tensor at batch 2), and the backward
+    rebuilds them with one weight-sized launch."""
     s, cl = _layout(s)
     u, st, k = shape.up, shape.stride, shape.kernel_size
     wm, wsq = cru_weights(w_gwc, w_pwc1, w_sq1, w_sq2, shape.group_size, cl)
@@ -200,7 +203,7 @@ def cru_forward_core(
     ident = low[:, :, ::st, ::st]
     m = cru_pool(y1, p2, ident)
     out, a = cru_combine(y1, p2, ident, m, softmax == "pairwise")
-    saved = (up, low, a, wm, wsq) if recompute else (up, low, a, wm, wsq, y1, p2)
+    saved = (up, low, a) if recompute else (up, low, a, y1, p2)
     return out, saved
 
 
@@ -234,10 +237,11 @@ def cru_backward_core(
     """
     s, cl = _layout(s)
     if recompute:
-        up, low, a, wm, wsq = saved
+        up, low, a = saved
     else:
-        up, low, a, wm, wsq, y1, p2 = saved
+        up, low, a, y1, p2 = saved
     st, k, g = shape.stride, shape.kernel_size, shape.group_size
+    wm, wsq = cru_weights(w_gwc, w_pwc1, w_sq1, w_sq2, g, cl)
     if recompute:
         y1 = F.conv2d(up, wm, b_gwc, stride=st, padding=k // 2)
         p2 = _pwc2(low, w_pwc2, shape, y1)
@@ -275,11 +279,11 @@ class CRUFunction(torch.autograd.Function):
     """Fused CRU as one autograd node.
 
     Saves for backward: the input s, the squeezed tensors up (N, up_sq, H, W) and low
-    (N, low_sq, H, W), the softmax coefficients A (N, 2*Cout), the merged Y1 weight and
-    the squeeze weight (weight-sized), the parameters, and, when ``recompute`` is False,
-    the convolution outputs Y1 (N, Cout, Ho, Wo) and P2 (N, pwc2_out, Ho, Wo).
-    With ``recompute=True`` the backward recomputes Y1 and P2 from up and low (two
-    convolutions) instead of saving them. Nothing else is saved: Y2, Z, the pooled
+    (N, low_sq, H, W), the softmax coefficients A (N, 2*Cout), the parameters, and, when
+    ``recompute`` is False, the convolution outputs Y1 (N, Cout, Ho, Wo) and P2
+    (N, pwc2_out, Ho, Wo). The backward rebuilds the merged Y1 weight and the squeeze
+    weight (one weight-sized launch) and, with ``recompute=True``, recomputes Y1 and P2
+    from up and low (two convolutions) instead of saving them. Nothing else is saved: Y2, Z, the pooled
     means and the identity branch (a strided view of low) are never materialised.
     """
 

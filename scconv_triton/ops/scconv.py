@@ -38,10 +38,11 @@ class SCConvFunction(torch.autograd.Function):
 
     Saves: x, the SRU statistics (N x group_num), the parameters, and what the CRU
     backward needs (``cru_forward_core``'s ``saved``): the squeezed tensors, the
-    softmax coefficients (N x 2*Cout), the merged weights, and, unless ``recompute``,
-    the convolution outputs Y1 and PWC2's output.
-    Recomputes in backward: the SRU output s (``sru_apply`` from x and the stats);
-    with ``recompute`` also Y1 and PWC2's output (two convolutions).
+    softmax coefficients (N x 2*Cout) and, unless ``recompute``, the convolution
+    outputs Y1 and PWC2's output.
+    Recomputes in backward: the SRU output s (``sru_apply`` from x and the stats),
+    the merged convolution weights (one weight-sized launch) and, with ``recompute``,
+    Y1 and PWC2's output (two convolutions).
     """
 
     @staticmethod
