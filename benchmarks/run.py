@@ -1,0 +1,584 @@
+"""The main job: memory traffic, launches, saved memory (and on a GPU latency) of SCConv.
+
+    python benchmarks/run.py                 # CPU: counted columns, batch 1, fp32, interpreter (~2-3 min)
+    python benchmarks/run.py --batch 2       # DESIGN.md's exact setting (N=2; ~3-6 min on 2 cores)
+    python benchmarks/run.py --json out.json --plot out.png
+    python benchmarks/run.py --networks      # also whole-network saved bytes (ResNet-50, DenseNet-121)
+
+For every layer shape (the ResNet-50 3x3 layers and DenseNet-121's 128 -> 32
+layer) it compares, on one training step (forward + backward):
+
+    reference   scconv_triton.reference.SCConv, eager PyTorch
+    compile     torch.compile(reference)                 (GPU only)
+    ours        scconv_triton.SCConv(backend="triton")   (same state_dict)
+    ours-rc     scconv_triton.SCConv(..., recompute=True)
+    conv+bn     the Conv2d k x k (+ BatchNorm2d) that SCConv replaces
+
+Counted columns (benchmarks/meter.py; any machine): launches and bytes moved by
+the forward and the backward, in bytes and in units of S = N*C*H*W*element_size
+of the layer input, and bytes saved for backward besides the input and the
+parameters. Triton traffic is counted by the interpreter: on a GPU machine the
+counts come from a CPU subprocess under TRITON_INTERPRET=1 at batch 1 and 2,
+extrapolated linearly to the timing batch (every tensor is either proportional
+to the batch or independent of it).
+
+GPU columns: median forward, backward and forward+backward times
+(``triton.testing.do_bench``), achieved GB/s = counted bytes / time and its
+fraction of a measured device-to-device copy bandwidth, and peak memory of a
+step above what was allocated before it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import torch  # noqa: E402
+
+# TRITON_INTERPRET must be set before any @triton.jit module is imported.
+def _wants_cpu(argv) -> bool:
+    argv = list(argv)
+    if "--device=cpu" in argv or any(a == "--device" and b == "cpu" for a, b in zip(argv, argv[1:])):
+        return True
+    return not torch.cuda.is_available()
+
+
+if __name__ == "__main__" and _wants_cpu(sys.argv[1:]):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+elif not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+from benchmarks.meter import measure_step, tensor_bytes  # noqa: E402
+
+IMPLS = ("reference", "compile", "ours", "ours-rc", "conv+bn")
+COUNT_KEYS = ("fwd_launches", "fwd_bytes", "bwd_launches", "bwd_bytes", "saved_bytes",
+              "fwd_triton_launches", "bwd_triton_launches")
+
+# ----------------------------------------------------------------------------- shapes
+# (name, in channels, out channels, input H=W, stride)
+SHAPE_SETS = {
+    "resnet": [
+        ("R50 layer1 3x3", 64, 64, 56, 1),
+        ("R50 layer2 3x3", 128, 128, 28, 1),
+        ("R50 layer3 3x3", 256, 256, 14, 1),
+        ("R50 layer4 3x3", 512, 512, 7, 1),
+    ],
+    "resnet-s2": [
+        ("R50 layer2.0 3x3/2", 128, 128, 56, 2),
+        ("R50 layer3.0 3x3/2", 256, 256, 28, 2),
+        ("R50 layer4.0 3x3/2", 512, 512, 14, 2),
+    ],
+    "densenet": [
+        ("D121 block1 128->32", 128, 32, 56, 1),
+        ("D121 block2 128->32", 128, 32, 28, 1),
+    ],
+}
+SHAPE_SETS["default"] = SHAPE_SETS["resnet"] + SHAPE_SETS["densenet"][1:]
+SHAPE_SETS["all"] = SHAPE_SETS["resnet"] + SHAPE_SETS["resnet-s2"] + SHAPE_SETS["densenet"]
+
+
+def parse_shapes(spec: str):
+    """Comma-separated names of SHAPE_SETS, or custom ``C[:OUT]@H[/STRIDE]`` (e.g. ``16@8``, ``128:32@28/2``)."""
+    out = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        if part in SHAPE_SETS:
+            out += SHAPE_SETS[part]
+            continue
+        try:
+            ch, rest = part.split("@")
+            cin, cout = (ch.split(":") + [None])[:2]
+            h, s = (rest.split("/") + ["1"])[:2]
+            cin, h, s = int(cin), int(h), int(s)
+            cout = int(cout) if cout else cin
+        except ValueError:
+            raise SystemExit(f"bad shape {part!r}: use one of {sorted(SHAPE_SETS)} or C[:OUT]@H[/STRIDE]")
+        out.append((f"{cin}->{cout}@{h}" + (f"/{s}" if s > 1 else ""), cin, cout, h, s))
+    return out
+
+
+# ----------------------------------------------------------------------------- modules
+def build(impl: str, cin: int, cout: int, stride: int, seed: int = 0, compile_fn=None):
+    """The module of one row; SCConv rows share the reference's state_dict."""
+    import scconv_triton
+    from scconv_triton import reference
+
+    torch.manual_seed(seed)
+    if impl == "conv+bn":
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), torch.nn.BatchNorm2d(cout)
+        )
+    ref = reference.SCConv(cin, out_channels=cout, stride=stride)
+    if impl == "reference":
+        return ref
+    if impl == "compile":
+        return (compile_fn or torch.compile)(ref)
+    mod = scconv_triton.SCConv(cin, out_channels=cout, stride=stride, backend="triton",
+                               recompute=(impl == "ours-rc"))
+    mod.load_state_dict(ref.state_dict())
+    return mod
+
+
+def _to(mod, device, dtype, channels_last):
+    mod = mod.to(device=device, dtype=dtype)
+    if channels_last:
+        mod = mod.to(memory_format=torch.channels_last)
+    return mod.train()
+
+
+def _input(n, c, h, device, dtype, channels_last, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, h, generator=g).to(device=device, dtype=dtype)
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+def _err(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}"[:160]
+
+
+# ----------------------------------------------------------------------------- counting
+def count_row(impl, cin, cout, h, stride, batch, dtype=torch.float32, channels_last=False, warmup=0):
+    """Counted columns of one row on the CPU (the interpreter for Triton).
+
+    No warm-up step by default: the interpreter has no compile cache, and an
+    eager or interpreted step counts the same the first time (checked by
+    tests/test_bench_run.py); a warm-up would double the interpreter's time.
+    """
+    mod = _to(build(impl, cin, cout, stride), "cpu", dtype, channels_last)
+    x = _input(batch, cin, h, "cpu", dtype, channels_last)
+    r = measure_step(mod, x, warmup=warmup)
+    return {k: r[k] for k in COUNT_KEYS + ("S", "out_bytes")}
+
+
+def extrapolate(c1: dict, c2: dict, n: int) -> dict:
+    """Counts at batch 1 and 2 -> counts at batch n (bytes affine in n, launches constant)."""
+    out = {}
+    for k, v1 in c1.items():
+        v2 = c2[k]
+        if k.endswith("_bytes") or k == "S":
+            out[k] = int(round(v1 + (n - 1) * (v2 - v1)))
+        else:
+            out[k] = v2
+    return out
+
+
+def count_subprocess(shapes, impls, batches, dtype_name, channels_last, timeout=3600):
+    """Count in a fresh CPU process under TRITON_INTERPRET=1 (used on GPU machines)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "counts.json")
+        spec = ",".join(f"{ci}:{co}@{h}/{s}" for _, ci, co, h, s in shapes)
+        cmd = [sys.executable, os.path.abspath(__file__), "--count-only", path, "--device", "cpu",
+               "--shapes", spec, "--impls", ",".join(impls), "--count-batches", ",".join(map(str, batches)),
+               "--dtype", dtype_name, "--quiet"] + (["--channels-last"] if channels_last else [])
+        env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+        subprocess.run(cmd, env=env, check=True, timeout=timeout)
+        with open(path) as f:
+            raw = json.load(f)
+    # keys: "ci:co@h/s|impl|batch"
+    return raw
+
+
+# ----------------------------------------------------------------------------- GPU timing
+class GpuTools:
+    """The timing functions of the GPU path; tests replace them with fakes."""
+
+    def __init__(self, device="cuda"):
+        self.device = torch.device(device)
+
+    def do_bench(self, fn, grad_to_none=None) -> float:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median"))
+
+    def synchronize(self):
+        torch.cuda.synchronize(self.device)
+
+    def memory_allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    def reset_peak(self):
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def max_memory_allocated(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def copy_bandwidth(self, nbytes: int = 1 << 28) -> float:
+        """Device-to-device copy bandwidth in GB/s (read + write counted)."""
+        src = torch.empty(nbytes // 4, dtype=torch.float32, device=self.device).normal_()
+        dst = torch.empty_like(src)
+        ms = self.do_bench(lambda: dst.copy_(src))
+        del src, dst
+        return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def time_row(mod, x, tools: GpuTools) -> dict:
+    """Median fwd / bwd / fwd+bwd times (ms) and peak memory of one step."""
+    params = [p for p in mod.parameters() if p.requires_grad]
+    x = x.detach().requires_grad_(True)
+    grads = [x] + params
+    y = mod(x)
+    g = torch.randn_like(y)
+    y.backward(g)  # warm-up (compiles / autotunes)
+    for t in grads:
+        t.grad = None
+    res = {}
+    res["fwd_ms"] = tools.do_bench(lambda: mod(x), grad_to_none=grads)
+    y = mod(x)
+    try:
+        res["bwd_ms"] = tools.do_bench(lambda: y.backward(g, retain_graph=True), grad_to_none=grads)
+    except RuntimeError:  # a backward that cannot be replayed: derive it
+        res["bwd_ms"] = None
+    del y
+    res["fwdbwd_ms"] = tools.do_bench(lambda: mod(x).backward(g), grad_to_none=grads)
+    if res["bwd_ms"] is None:
+        res["bwd_ms"] = max(res["fwdbwd_ms"] - res["fwd_ms"], 0.0)
+    for t in grads:
+        t.grad = None
+    tools.synchronize()
+    base = tools.memory_allocated()
+    tools.reset_peak()
+    mod(x).backward(g)
+    tools.synchronize()
+    res["peak_bytes"] = max(tools.max_memory_allocated() - base, 0)
+    for t in grads:
+        t.grad = None
+    return res
+
+
+# ----------------------------------------------------------------------------- progress and table
+class Progress:
+    def __init__(self, total: int, quiet: bool = False, stream=None):
+        self.total, self.done, self.quiet = max(total, 1), 0, quiet
+        self.stream = stream or sys.stderr
+        self.t0 = time.perf_counter()
+
+    def step(self, label: str):
+        self.done += 1
+        if self.quiet:
+            return
+        w = 24
+        fill = int(w * self.done / self.total)
+        el = time.perf_counter() - self.t0
+        tty = getattr(self.stream, "isatty", lambda: False)()
+        end = "\r" if tty and self.done < self.total else "\n"
+        self.stream.write(f"[{'#' * fill}{'.' * (w - fill)}] {self.done:3d}/{self.total} {el:6.1f}s  {label:48s}{end}")
+        self.stream.flush()
+
+
+def _f(v, fmt):
+    return "-" if v is None else format(v, fmt)
+
+
+def format_table(rows, show_times: bool) -> str:
+    hdr = ["layer", "impl", "fwd L", "fwd S", "fwd MiB", "bwd L", "bwd S", "bwd MiB", "saved S", "saved MiB"]
+    if show_times:
+        hdr += ["fwd ms", "bwd ms", "f+b ms", "GB/s", "%copy", "peak MiB"]
+    lines = []
+    for r in rows:
+        if r.get("error"):
+            cells = [r["layer"], r["impl"], f"n/a ({r['error']})"]
+            lines.append(cells)
+            continue
+        S = r.get("S")
+        mb = 2**20
+
+        def s(k):
+            return None if r.get(k) is None or not S else r[k] / S
+
+        def m(k):
+            return None if r.get(k) is None else r[k] / mb
+
+        tl = lambda k: None if r.get(k) is None else (  # noqa: E731
+            f"{r[k]}" + (f" ({r[k + '_triton']}T)" if r.get(k + "_triton") else ""))
+        cells = [r["layer"], r["impl"],
+                 tl("fwd_launches") or "-", _f(s("fwd_bytes"), ".1f"), _f(m("fwd_bytes"), ".1f"),
+                 tl("bwd_launches") or "-", _f(s("bwd_bytes"), ".1f"), _f(m("bwd_bytes"), ".1f"),
+                 _f(s("saved_bytes"), ".2f"), _f(m("saved_bytes"), ".2f")]
+        if show_times:
+            cells += [_f(r.get("fwd_ms"), ".3f"), _f(r.get("bwd_ms"), ".3f"), _f(r.get("fwdbwd_ms"), ".3f"),
+                      _f(r.get("gbps"), ".0f"), _f(r.get("copy_frac") and 100 * r["copy_frac"], ".0f"),
+                      _f(m("peak_bytes"), ".1f")]
+        lines.append(cells)
+    widths = [len(h) for h in hdr]
+    for cells in lines:
+        if len(cells) == len(hdr):
+            widths = [max(w, len(str(c))) for w, c in zip(widths, cells)]
+    widths[0] = max([widths[0]] + [len(str(c[0])) for c in lines])
+    widths[1] = max([widths[1]] + [len(str(c[1])) for c in lines])
+
+    def fmt(cells):
+        if len(cells) != len(hdr):
+            return f"{cells[0]:<{widths[0]}}  {cells[1]:<{widths[1]}}  {cells[2]}"
+        return "  ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
+
+    out = [fmt(hdr), "  ".join("-" * w for w in widths)]
+    prev = None
+    for cells in lines:
+        if prev is not None and cells[0] != prev:
+            out.append("")
+        prev = cells[0]
+        out.append(fmt(cells))
+    return "\n".join(out)
+
+
+def plot(rows, path: str):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit(f"--plot needs matplotlib (pip install 'scconv-triton[plot]' or pip install matplotlib): {e}")
+    ok = [r for r in rows if not r.get("error") and r.get("fwd_bytes") is not None]
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in ok)]
+    timed = any(r.get("fwdbwd_ms") is not None for r in ok)
+    panels = [("fwd_bytes", "forward traffic (S)", True), ("bwd_bytes", "backward traffic (S)", True),
+              ("saved_bytes", "saved for backward (S)", True), ("fwd_launches", "forward launches", False)]
+    if timed:
+        panels.append(("fwdbwd_ms", "forward+backward (ms)", False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
+    wbar = 0.8 / max(len(impls), 1)
+    for ax, (key, title, in_s) in zip(axes, panels):
+        for j, impl in enumerate(impls):
+            vals = []
+            for layer in layers:
+                r = next((r for r in ok if r["layer"] == layer and r["impl"] == impl), None)
+                v = None if r is None or r.get(key) is None else (r[key] / r["S"] if in_s else r[key])
+                vals.append(float("nan") if v is None else v)
+            ax.bar([i + j * wbar for i in range(len(layers))], vals, wbar, label=impl)
+        ax.set_title(title)
+        ax.set_xticks([i + 0.4 - wbar / 2 for i in range(len(layers))])
+        ax.set_xticklabels(layers, rotation=45, ha="right", fontsize=7)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda if available, else cpu (counted columns only)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="default: 1 on a CPU (the interpreter's time; traffic in S barely depends on it), "
+                        "64 on a GPU")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--shapes", default="default",
+                   help=f"comma list of {sorted(SHAPE_SETS)} or C[:OUT]@H[/STRIDE] (default: 'default' = "
+                        "resnet + DenseNet at 28; 'all' adds the stride-2 layers and DenseNet at 56)")
+    p.add_argument("--impls", default=None,
+                   help=f"comma list of {IMPLS} (default: all but compile on a CPU, all on a GPU)")
+    p.add_argument("--times", action=argparse.BooleanOptionalAction, default=None,
+                   help="timing columns (default: on a GPU only)")
+    p.add_argument("--no-count", action="store_true", help="skip the counted columns")
+    p.add_argument("--count-batches", default=None,
+                   help="batches to count at, comma list (default: the run batch on a CPU; 1,2 extrapolated "
+                        "on a GPU)")
+    p.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG (needs matplotlib)")
+    p.add_argument("--networks", action="store_true",
+                   help="also whole-network saved bytes (benchmarks/networks.py; reference networks)")
+    p.add_argument("--networks-fused", action="store_true",
+                   help="with --networks: include the fused SCConv networks (slow under the interpreter)")
+    p.add_argument("--net-batch", type=int, default=2, help="with --networks: batch (default 2)")
+    p.add_argument("--net-size", type=int, default=224, help="with --networks: image size (default 224)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--count-only", metavar="PATH", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _shape_key(cin, cout, h, s):
+    return f"{cin}:{cout}@{h}/{s}"
+
+
+def run(args, tools=None, compile_fn=None, stream=None) -> dict:
+    """Run the benchmark described by ``args``; returns {"meta": ..., "rows": [...], "networks": ...}."""
+    stream = stream or sys.stdout
+    if args.plot:  # fail now, not after the run
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            raise SystemExit(f"--plot needs matplotlib (pip install 'scconv-triton[plot]' or pip install "
+                             f"matplotlib): {e}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    times = args.times if args.times is not None else device == "cuda"
+    batch = args.batch or (64 if device == "cuda" else 1)
+    dtype = DTYPES[args.dtype]
+    shapes = parse_shapes(args.shapes)
+    impls = args.impls.split(",") if args.impls else [i for i in IMPLS if device == "cuda" or i != "compile"]
+    for i in impls:
+        if i not in IMPLS:
+            raise SystemExit(f"unknown impl {i!r}; choose from {IMPLS}")
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if args.count_batches:
+        cbatches = [int(b) for b in args.count_batches.split(",")]
+    else:
+        cbatches = [batch] if (device == "cpu" or interp) else [1, 2]
+    count_in_process = device == "cpu" or interp
+    countable = [i for i in impls if i != "compile"]
+
+    t_start = time.perf_counter()
+    n_steps = (0 if args.no_count else len(shapes) * len(countable) * (len(cbatches) if count_in_process else 0))
+    n_steps += len(shapes) * len(impls) if times else 0
+    prog = Progress(n_steps + (1 if times else 0), quiet=args.quiet)
+
+    # ---- counts
+    counts = {}  # (shape key, impl, batch) -> dict or {"error": ...}
+    if not args.no_count and countable:
+        if count_in_process:
+            for name, cin, cout, h, s in shapes:
+                for impl in countable:
+                    for b in cbatches:
+                        try:
+                            c = count_row(impl, cin, cout, h, s, b, dtype, args.channels_last)
+                        except Exception as e:  # the fused path may not exist yet
+                            if os.environ.get("SCCONV_BENCH_DEBUG"):
+                                traceback.print_exc()
+                            c = {"error": _err(e)}
+                        counts[(_shape_key(cin, cout, h, s), impl, b)] = c
+                        prog.step(f"count {name} {impl} N={b}")
+        else:
+            if not args.quiet:
+                print("counting launches and bytes in a CPU subprocess under the Triton interpreter "
+                      f"(batches {cbatches}) ...", file=sys.stderr)
+            raw = count_subprocess(shapes, countable, cbatches, args.dtype, args.channels_last)
+            for k, v in raw.items():
+                sk, impl, b = k.split("|")
+                counts[(sk, impl, int(b))] = v
+
+    if args.count_only:
+        with open(args.count_only, "w") as f:
+            json.dump({f"{sk}|{impl}|{b}": v for (sk, impl, b), v in counts.items()}, f)
+        return {"rows": [], "meta": {}}
+
+    # ---- timing
+    copy_bw = None
+    if times:
+        tools = tools or GpuTools(device)
+        copy_bw = tools.copy_bandwidth()
+        prog.step(f"copy bandwidth {copy_bw:.0f} GB/s")
+
+    rows = []
+    for name, cin, cout, h, s in shapes:
+        sk = _shape_key(cin, cout, h, s)
+        for impl in impls:
+            row = {"layer": name, "impl": impl, "in_channels": cin, "out_channels": cout, "size": h, "stride": s,
+                   "batch": batch, "dtype": args.dtype, "channels_last": args.channels_last}
+            if impl != "compile" and not args.no_count:
+                cs = [counts.get((sk, impl, b)) for b in cbatches]
+                if any(c is None or "error" in c for c in cs):
+                    row["error"] = next((c["error"] for c in cs if c and "error" in c), "not counted")
+                else:
+                    if len(cbatches) == 1 and cbatches[0] == batch:
+                        c = cs[0]
+                    elif len(cbatches) >= 2:
+                        c = extrapolate(cs[0], cs[1], batch) if cbatches[:2] == [1, 2] else cs[-1]
+                    else:
+                        c = cs[0]
+                    row["counted_at_batch"] = cbatches if len(cbatches) > 1 else cbatches[0]
+                    row.update({k: c[k] for k in COUNT_KEYS})
+                    row["S"] = c["S"]
+                    row["fwd_launches_triton"] = c["fwd_triton_launches"]
+                    row["bwd_launches_triton"] = c["bwd_triton_launches"]
+            if "S" not in row:
+                row["S"] = batch * cin * h * h * torch.empty((), dtype=dtype).element_size()
+            if times and not (row.get("error") and impl != "compile"):
+                try:
+                    mod = _to(build(impl, cin, cout, s, compile_fn=compile_fn), device, dtype, args.channels_last)
+                    x = _input(batch, cin, h, device, dtype, args.channels_last)
+                    row.update(time_row(mod, x, tools))
+                    if row.get("fwd_bytes") is not None and row.get("fwdbwd_ms"):
+                        row["gbps"] = (row["fwd_bytes"] + row["bwd_bytes"]) / (row["fwdbwd_ms"] * 1e-3) / 1e9
+                        row["copy_frac"] = row["gbps"] / copy_bw if copy_bw else None
+                    row.pop("error", None) if impl == "compile" else None
+                    del mod, x
+                except Exception as e:
+                    if os.environ.get("SCCONV_BENCH_DEBUG"):
+                        traceback.print_exc()
+                    row["error"] = _err(e)
+                prog.step(f"time {name} {impl}")
+            elif times:
+                prog.step(f"time {name} {impl} (skipped)")
+            rows.append(row)
+
+    meta = {
+        "device": torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "triton_interpret": interp,
+        "batch": batch,
+        "count_batches": cbatches,
+        "dtype": args.dtype,
+        "channels_last": args.channels_last,
+        "copy_bandwidth_gbps": copy_bw,
+        "unit_S": "bytes of the layer input N*C*H*W*element_size",
+    }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except Exception:
+        pass
+
+    result = {"meta": meta, "rows": rows}
+    if args.networks:
+        try:
+            from benchmarks import networks
+        except ImportError:
+            import networks  # type: ignore
+        result["networks"] = networks.run_networks(
+            device=device, batch=args.net_batch, size=args.net_size, fused=args.networks_fused, times=times,
+            tools=tools, quiet=args.quiet)
+    result["meta"]["wall_s"] = time.perf_counter() - t_start
+
+    # ---- report
+    print(f"\nSCConv training step: batch {batch}, {args.dtype}{', channels_last' if args.channels_last else ''}, "
+          f"device {meta['device']}" + (", Triton interpreter" if interp else ""), file=stream)
+    print("S = bytes of the layer input (N*C*H*W*element_size); L = launches (nT = of which Triton); "
+          "saved = bytes kept for backward besides the input and the parameters", file=stream)
+    if cbatches != [batch] and not args.no_count:
+        print(f"counts measured at batch {cbatches} and extrapolated to batch {batch}", file=stream)
+    if times and copy_bw:
+        print(f"copy bandwidth (device-to-device, read+write): {copy_bw:.0f} GB/s", file=stream)
+    print(file=stream)
+    print(format_table(rows, times), file=stream)
+    if "networks" in result:
+        print(file=stream)
+        print(networks.format_networks(result["networks"]), file=stream)
+    print(f"\n(wall time {result['meta']['wall_s']:.1f} s)", file=stream)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+    if args.plot:
+        plot(rows, args.plot)
+    return result
+
+
+def main(argv=None, tools=None, compile_fn=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available() and tools is None:
+        raise SystemExit("--device cuda: no CUDA device")
+    run(args, tools=tools, compile_fn=compile_fn)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
