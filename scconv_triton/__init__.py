@@ -2,11 +2,20 @@
 
 ``scconv_triton.SCConv`` is a drop-in for the reference ``ScConv`` (same
 arguments and state_dict); ``scconv_triton.reference`` is the pure-PyTorch
-semantics every fused path is tested against.
+semantics every fused path is tested against; ``scconv_triton.models`` builds the
+study's networks and ``scconv_triton.convert`` swaps the k x k convs of a model.
 """
 from . import reference
 from .backend import interpreter_enabled, use_backend
 from .modules import CRU, SRU, SCConv, ScConv
 
-__all__ = ["SRU", "CRU", "SCConv", "ScConv", "reference", "use_backend", "interpreter_enabled"]
+# models imports convert; the function `convert` then shadows the submodule of the
+# same name as an attribute (``from scconv_triton.convert import ...`` still works).
+from . import models  # noqa: E402  isort: skip
+from .convert import ConversionReport, SCConvWithBias, convert, scconv_from_conv  # noqa: E402
+
+__all__ = [
+    "SRU", "CRU", "SCConv", "ScConv", "reference", "models", "convert", "scconv_from_conv",
+    "ConversionReport", "SCConvWithBias", "use_backend", "interpreter_enabled",
+]
 __version__ = "0.1.0"

@@ -39,18 +39,17 @@ def check_params(module: torch.nn.Module, x: torch.Tensor) -> None:
             )
 
 
-def fused_inputs(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Return (x, parameters) in the dtype the kernels run in.
+def fused_inputs(x: torch.Tensor, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Return x and ``params`` in the dtype the kernels run in.
 
     Under torch.autocast the layer runs in the autocast dtype, like a convolution:
     x and the (small) parameters are cast, and gradients flow back to the fp32
     parameters through the casts. Otherwise they are returned as they are.
     """
-    params = list(module.parameters())
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-        return x.to(dtype), [p.to(dtype) for p in params]
-    return x, params
+        return tuple(t.to(dtype) for t in (x, *params))
+    return (x, *params)
 
 
 def _no_autocast(x: torch.Tensor):
@@ -72,7 +71,7 @@ class SRU(ref.SRU):
             return super().forward(x)
         from .ops.sru import sru
 
-        x, (w, b) = fused_inputs(self, x)
+        x, w, b = fused_inputs(x, self.gn.weight, self.gn.bias)
         with _no_autocast(x):
             return sru(
                 x, w, b, group_num=self.group_num, eps=self.gn.eps, torch_gn=self.torch_gn,
@@ -95,9 +94,12 @@ class CRU(ref.CRU):
             return super().forward(x)
         from .ops.cru import cru
 
-        x, params = fused_inputs(self, x)
+        x, *weights = fused_inputs(
+            x, self.squeeze1.weight, self.squeeze2.weight, self.GWC.weight, self.GWC.bias,
+            self.PWC1.weight, self.PWC2.weight,
+        )
         with _no_autocast(x):
-            return cru(x, *params, self.shape, self.softmax, self.recompute)
+            return cru(x, *weights, self.shape, self.softmax, self.recompute)
 
 
 class SCConv(ref.SCConv):
@@ -122,10 +124,13 @@ class SCConv(ref.SCConv):
         from .ops.scconv import scconv
 
         sru, cru = self.SRU, self.CRU
-        x, params = fused_inputs(self, x)
+        x, *weights = fused_inputs(
+            x, sru.gn.weight, sru.gn.bias, cru.squeeze1.weight, cru.squeeze2.weight, cru.GWC.weight,
+            cru.GWC.bias, cru.PWC1.weight, cru.PWC2.weight,
+        )
         with _no_autocast(x):
             return scconv(
-                x, *params, group_num=sru.group_num, eps=sru.gn.eps, torch_gn=sru.torch_gn,
+                x, *weights, group_num=sru.group_num, eps=sru.gn.eps, torch_gn=sru.torch_gn,
                 gate_treshold=sru.gate_treshold, gate=sru.gate, shape=cru.shape, softmax=cru.softmax,
                 recompute=self.recompute,
             )

@@ -39,7 +39,6 @@ __all__ = [
     "cru_backward_core",
     "CRUFunction",
     "cru",
-    "cru_module_forward",
 ]
 
 _LIB = "scconv_triton"
@@ -318,16 +317,3 @@ def cru(
 ) -> Tensor:
     """Functional fused CRU (differentiable in x and every weight)."""
     return CRUFunction.apply(x, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, recompute)
-
-
-def cru_module_forward(module, x: Tensor) -> Tensor:
-    """Forward of ``scconv_triton.modules.CRU`` through the fused path.
-
-    Under torch.autocast the input and the (small) parameters are cast to the autocast
-    dtype first (``modules.fused_inputs`` when the modules layer provides it)."""
-    params = [module.squeeze1.weight, module.squeeze2.weight, module.GWC.weight, module.GWC.bias,
-              module.PWC1.weight, module.PWC2.weight]
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, params = x.to(dtype), [p.to(dtype) for p in params]
-    return cru(x, *params, module.shape, module.softmax, module.recompute)

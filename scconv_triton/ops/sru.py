@@ -10,7 +10,7 @@ import torch
 
 from ..kernels import sru as _k
 
-__all__ = ["SRUFunction", "sru", "sru_module_forward", "sru_forward_op", "sru_backward_op"]
+__all__ = ["SRUFunction", "sru", "sru_forward_op", "sru_backward_op"]
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -135,19 +135,4 @@ def sru(x, weight, bias, *, group_num, eps, torch_gn, gate_treshold, gate="soft"
     return SRUFunction.apply(
         x, weight.reshape(c), bias.reshape(c), int(group_num), float(eps), bool(torch_gn), float(gate_treshold),
         gate == "hard",
-    )
-
-
-def sru_module_forward(module, x):
-    """Forward of ``scconv_triton.SRU`` (nn.GroupNorm or GroupBatchnorm2d inside ``module.gn``)."""
-    gn = module.gn
-    return SRUFunction.apply(
-        x,
-        gn.weight.view(-1),
-        gn.bias.view(-1),
-        int(module.group_num),
-        float(gn.eps),
-        bool(module.torch_gn),
-        float(module.gate_treshold),
-        module.gate == "hard",
     )
