@@ -210,15 +210,18 @@ def _cru_combine_kernel(
 ):
     """out = A1 * Y1 + A2 * Y2 with A = softmax of the pooled means m (N, 2C).
 
-    Grid (N, cdiv(C, BLOCK_C * C_ITERS), cdiv(HW, BLOCK_HW)). A program computes the
+    Grid (N * cdiv(HW, BLOCK_HW), cdiv(C, BLOCK_C * C_ITERS)). A program computes the
     softmax normaliser of its sample once (channel: over all 2C means; PAIRWISE: per
     channel), then handles C_ITERS blocks of BLOCK_C channels on one spatial tile.
     The programs of the first spatial tile store A in a_ptr (N, 2C) for the backward.
     out_ptr (N, C, Ho, Wo) with strides so_*; inputs as in the pool kernel.
     """
-    n = tl.program_id(0).to(tl.int64)
+    # spatial blocks and samples share axis 0 (limit 2**31 - 1): axes 1 and 2 are capped at
+    # 65535 on CUDA, which cdiv(Ho*Wo, BLOCK_HW) passes for images above ~2 M pixels
+    n_hw = tl.cdiv(HW, BLOCK_HW)
+    n = (tl.program_id(0) // n_hw).to(tl.int64)
+    pid_hw = tl.program_id(0) % n_hw
     pid_c = tl.program_id(1)
-    pid_hw = tl.program_id(2)
     if PAIRWISE:
         mx = 0.0
         den = 1.0
@@ -309,12 +312,15 @@ def _cru_combine_bwd_kernel(
     PAIRWISE: k over the pair c, C + c); dZ_j = A_j * dout_{j mod C} + dm_j / HW.
     Writes dY1 -> dy1_ptr (N, C, Ho, Wo), dP2 -> dp2_ptr (N, P, Ho, Wo) and the
     identity part -> did_ptr (N, C - P, Ho, Wo), each with its strides.
-    Grid (N, cdiv(C, BLOCK_C * C_ITERS), cdiv(HW, BLOCK_HW)); the per-sample sum
+    Grid (N * cdiv(HW, BLOCK_HW), cdiv(C, BLOCK_C * C_ITERS)); the per-sample sum
     is computed once per program. Y1 and Y2 are not needed.
     """
-    n = tl.program_id(0).to(tl.int64)
+    # spatial blocks and samples share axis 0 (limit 2**31 - 1): axes 1 and 2 are capped at
+    # 65535 on CUDA, which cdiv(Ho*Wo, BLOCK_HW) passes for images above ~2 M pixels
+    n_hw = tl.cdiv(HW, BLOCK_HW)
+    n = (tl.program_id(0) // n_hw).to(tl.int64)
+    pid_hw = tl.program_id(0) % n_hw
     pid_c = tl.program_id(1)
-    pid_hw = tl.program_id(2)
     row_a = a_ptr + n * (2 * C)
     row_g = da_ptr + n * (2 * C)
     if not PAIRWISE:
@@ -372,15 +378,19 @@ def _cru_dsq_kernel(
     CU + l gets d_low[l] = dl_ptr (N, CL, H, W) (PWC2's input gradient; absent when
     not HAS_LOW) plus the identity gradient di_ptr (N, CL, Ho, Wo) at the positions
     (h, w) with h % STRIDE == 0 and w % STRIDE == 0. HW = H*W.
-    Grid (N, cdiv(CU + CL, BLOCK_C), cdiv(HW, BLOCK_HW)).
+    Grid (N * cdiv(HW, BLOCK_HW), cdiv(CU + CL, BLOCK_C)).
     """
-    n = tl.program_id(0).to(tl.int64)
+    # spatial blocks and samples share axis 0 (limit 2**31 - 1): axes 1 and 2 are capped at
+    # 65535 on CUDA, which cdiv(Ho*Wo, BLOCK_HW) passes for images above ~2 M pixels
+    n_hw = tl.cdiv(HW, BLOCK_HW)
+    n = (tl.program_id(0) // n_hw).to(tl.int64)
+    pid_hw = tl.program_id(0) % n_hw
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < CU + CL
     c64 = c.to(tl.int64)
     isu = cm & (c < CU)
     isl = cm & (c >= CU)
-    hw = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    hw = pid_hw * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hm = hw < HW
     h = (hw // W).to(tl.int64)
     w = (hw % W).to(tl.int64)
@@ -542,7 +552,7 @@ def cru_combine(y1, p2, ident, m, pairwise: bool):
     bc, bhw = _tiles(y1, c, hw)
     ci = _c_iters(c, bc)
     p2a = p2 if p2.numel() else ident
-    grid = (n, triton.cdiv(c, bc * ci), triton.cdiv(hw, bhw))
+    grid = (n * triton.cdiv(hw, bhw), triton.cdiv(c, bc * ci))
     _cru_combine_kernel[grid](
         y1, p2a, ident, m, out, a,
         c, p, wo, hw,
@@ -584,7 +594,7 @@ def cru_combine_bwd(dout, a, da, p: int, pairwise: bool, dtype: torch.dtype, cha
     bc, bhw = _tiles(dy1, c, hw)
     ci = _c_iters(c, bc)
     dp2a = dp2 if dp2.numel() else did
-    grid = (n, triton.cdiv(c, bc * ci), triton.cdiv(hw, bhw))
+    grid = (n * triton.cdiv(hw, bhw), triton.cdiv(c, bc * ci))
     _cru_combine_bwd_kernel[grid](
         dout, a, da, dy1, dp2a, did,
         c, p, wo, hw,
@@ -606,7 +616,7 @@ def cru_dsq(d_up, d_low, d_id, stride: int, channels_last: bool):
     bc, bhw = _tiles(out, cu + cl, hw)
     has_low = d_low.numel() > 0
     dla = d_low if has_low else d_id
-    grid = (n, triton.cdiv(cu + cl, bc), triton.cdiv(hw, bhw))
+    grid = (n * triton.cdiv(hw, bhw), triton.cdiv(cu + cl, bc))
     _cru_dsq_kernel[grid](
         d_up, dla, d_id, out,
         cu, cl, w, hw, wo, stride,
