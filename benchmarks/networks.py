@@ -1,10 +1,12 @@
 """Whole-network memory: bytes saved for backward by ResNet-50 / DenseNet-121 and their SCConv versions.
 
     python benchmarks/networks.py              # CPU: reference networks, batch 2, 224x224
-    python benchmarks/networks.py --fused      # also the fused SCConv networks (slow under the interpreter)
+    python benchmarks/networks.py --fused      # also the fused SCConv networks
 
 Saved bytes = distinct storages autograd keeps for backward after one training
 forward, besides the input and the parameters / buffers (benchmarks/meter.py).
+On a CPU the fused networks run with their Triton kernel bodies skipped (the
+saved tensors depend only on shapes; see meter.skip_triton_launches).
 On a GPU also the peak memory of a forward+backward step above what was
 allocated before it, and its median time (triton.testing.do_bench).
 DESIGN.md, batch 2 at 224x224: ResNet-50 163 MB vs SCConv-R50 272 MB;
@@ -14,6 +16,7 @@ unit printed here).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -27,7 +30,7 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks.meter import SavedBytes  # noqa: E402
+from benchmarks.meter import SavedBytes, skip_triton_launches  # noqa: E402
 
 # (label, builder name in scconv_triton.models, kwargs)
 NETWORKS = [
@@ -48,12 +51,17 @@ def _models():
     return models
 
 
-def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> dict:
-    """Bytes saved for backward by one training forward of ``model`` on ``x``."""
+def saved_bytes(model: torch.nn.Module, x: torch.Tensor, shapes_only: bool = False) -> dict:
+    """Bytes saved for backward by one training forward of ``model`` on ``x``.
+
+    ``shapes_only``: interpreted Triton kernels are skipped (meter.skip_triton_launches);
+    the saved storages and their sizes are the same, the values are not computed.
+    """
     model.train()
     state = list(model.parameters()) + list(model.buffers())
     x = x.detach().requires_grad_(False)
-    with SavedBytes(input=[x], params=state) as s:
+    skip = skip_triton_launches() if shapes_only else contextlib.nullcontext()
+    with skip, SavedBytes(input=[x], params=state) as s:
         y = model(x)
     del y
     return {"saved_bytes": s.bytes, "saved_param_bytes": s.groups["params"], "saved_tensors": s.n_tensors}
@@ -78,7 +86,11 @@ def run_networks(device="cpu", batch=None, size=224, fused=False, times=None, to
             torch.manual_seed(0)
             model = build(num_classes=num_classes, **kw).to(device)
             x = torch.randn(batch, 3, size, size, device=device)
-            row.update(saved_bytes(model, x))
+            # On a CPU the fused networks' kernels would run in the interpreter for
+            # many minutes; saved bytes depend only on shapes, so skip their bodies.
+            shapes_only = device == "cpu" and bool(kw.get("fused"))
+            row.update(saved_bytes(model, x, shapes_only=shapes_only))
+            row["shapes_only"] = shapes_only
             if times:
                 if tools is None:
                     from benchmarks.run import GpuTools

@@ -395,10 +395,8 @@ def parse_args(argv=None):
                         "on a GPU)")
     p.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG (needs matplotlib)")
-    p.add_argument("--networks", action="store_true",
-                   help="also whole-network saved bytes (benchmarks/networks.py; reference networks)")
-    p.add_argument("--networks-fused", action="store_true",
-                   help="with --networks: include the fused SCConv networks (slow under the interpreter)")
+    p.add_argument("--networks", action=argparse.BooleanOptionalAction, default=True,
+                   help="whole-network saved bytes, reference and fused (benchmarks/networks.py; default on)")
     p.add_argument("--net-batch", type=int, default=2, help="with --networks: batch (default 2)")
     p.add_argument("--net-size", type=int, default=224, help="with --networks: image size (default 224)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -545,7 +543,7 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
         except ImportError:
             import networks  # type: ignore
         result["networks"] = networks.run_networks(
-            device=device, batch=args.net_batch, size=args.net_size, fused=args.networks_fused, times=times,
+            device=device, batch=args.net_batch, size=args.net_size, fused=True, times=times,
             tools=tools, quiet=args.quiet)
     result["meta"]["wall_s"] = time.perf_counter() - t_start
 

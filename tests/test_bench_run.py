@@ -240,3 +240,25 @@ def test_count_needs_no_warmup(impl):
         pytest.skip(f"{impl} unavailable: {type(e).__name__}: {e}"[:200])
     c1 = bench.count_row(impl, 16, 16, 8, 1, 1, warmup=1)
     assert c0 == c1
+
+
+def test_shapes_only_saved_bytes_equal_a_full_run():
+    # networks.py measures the fused networks on a CPU with the kernel bodies
+    # skipped; that is only valid if the saved storages are the same.
+    import torch
+
+    import scconv_triton
+    from benchmarks.networks import saved_bytes
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        scconv_triton.SCConv(16, backend="triton"),
+        torch.nn.ReLU(),
+        scconv_triton.SCConv(16, out_channels=8, stride=2, backend="triton"),
+        scconv_triton.SCConv(8, group_num=2, backend="triton", recompute=True),
+    )
+    x = torch.randn(2, 16, 10, 9)
+    full = saved_bytes(net, x)
+    dry = saved_bytes(net, x, shapes_only=True)
+    assert full["saved_bytes"] > 0
+    assert dry == full
