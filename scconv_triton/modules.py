@@ -57,7 +57,19 @@ def _no_autocast(x: torch.Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
 
-class SRU(ref.SRU):
+class _Fused:
+    """What the three fused modules share: the backend choice and the checks before it."""
+
+    backend: str
+
+    def _takes_reference(self, x: torch.Tensor, channels: int) -> bool:
+        """Validate x against the module, then say whether the reference path runs."""
+        ref.check_input(x, channels, type(self).__name__)
+        check_params(self, x)
+        return resolve(x, self.backend) == "reference"
+
+
+class SRU(_Fused, ref.SRU):
     """Fused SRU. Extra keyword: ``backend`` ("auto", "triton", "reference")."""
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
@@ -65,9 +77,7 @@ class SRU(ref.SRU):
         self.backend = _check_backend(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ref.check_input(x, self.channels, type(self).__name__)
-        check_params(self, x)
-        if resolve(x, self.backend) == "reference":
+        if self._takes_reference(x, self.channels):
             return super().forward(x)
         from .ops.sru import sru
 
@@ -79,7 +89,7 @@ class SRU(ref.SRU):
             )
 
 
-class CRU(ref.CRU):
+class CRU(_Fused, ref.CRU):
     """Fused CRU. Extra keywords: ``backend``, ``recompute`` (see SCConv)."""
 
     def __init__(self, *args, backend: str = "auto", recompute: bool = False, **kwargs):
@@ -88,9 +98,7 @@ class CRU(ref.CRU):
         self.recompute = bool(recompute)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ref.check_input(x, self.in_channels, type(self).__name__)
-        check_params(self, x)
-        if resolve(x, self.backend) == "reference":
+        if self._takes_reference(x, self.in_channels):
             return super().forward(x)
         from .ops.cru import cru
 
@@ -102,7 +110,7 @@ class CRU(ref.CRU):
             return cru(x, *weights, self.shape, self.softmax, self.recompute)
 
 
-class SCConv(ref.SCConv):
+class SCConv(_Fused, ref.SCConv):
     """Fused SCConv = CRU(SRU(x)), a drop-in for a k x k convolution.
 
     Extra keywords beyond the reference: ``backend`` ("auto", "triton",
@@ -117,9 +125,7 @@ class SCConv(ref.SCConv):
         self.recompute = bool(recompute)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ref.check_input(x, self.in_channels, type(self).__name__)
-        check_params(self, x)
-        if resolve(x, self.backend) == "reference":
+        if self._takes_reference(x, self.in_channels):
             return super().forward(x)
         from .ops.scconv import scconv
 

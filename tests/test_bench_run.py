@@ -19,7 +19,8 @@ SHAPE = "16@8"  # SCConv(16) on 8x8
 
 
 def _args(*argv):
-    return bench.parse_args(["--quiet", "--shapes", SHAPE, *argv])
+    # whole networks have their own tests below; keep the layer-level runs small
+    return bench.parse_args(["--quiet", "--no-networks", "--shapes", SHAPE, *argv])
 
 
 def _row(res, impl):
