@@ -90,19 +90,29 @@ def _get_wsum(w_ptr, wsum_ptr, C, HAS_WSUM: tl.constexpr, FP64: tl.constexpr, BL
 
 @triton.jit
 def _channel_params(n, c, mask_c, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum, FP64: tl.constexpr):
-    """Per-channel vectors for channels c of sample n: mean, rstd (of c's group), gamma, beta, w."""
+    """Per-channel vectors for channels c of sample n: mean as (hi, lo), rstd (of c's group),
+    gamma, beta, w. The mean is stored in fp64 (mean_ptr, (N, G)); the fp32 path splits it into
+    hi = fp32(mean), lo = fp32(mean - hi), so that xhat = ((x - hi) - lo) * rstd keeps the
+    mean's low bits (x - hi is exact when x is close to the mean). FP64: hi = mean, lo = 0."""
     grp = n * G + c // CG
-    mu = _acc(tl.load(mean_ptr + grp, mask=mask_c, other=0.0), FP64)
+    mu = tl.load(mean_ptr + grp, mask=mask_c, other=0.0).to(tl.float64)
+    if FP64:
+        hi = mu
+        lo = tl.zeros_like(mu)
+    else:
+        hi = mu.to(tl.float32)
+        lo = (mu - hi.to(tl.float64)).to(tl.float32)
+        lo = tl.where(tl.abs(hi) < float("inf"), lo, 0.0)  # inf / nan mean: no nan from inf - inf
     rs = _acc(tl.load(rstd_ptr + grp, mask=mask_c, other=0.0), FP64)
     gam = _acc(tl.load(w_ptr + c, mask=mask_c, other=0.0), FP64)
     bet = _acc(tl.load(b_ptr + c, mask=mask_c, other=0.0), FP64)
-    return mu, rs, gam, bet, gam / wsum
+    return (hi, lo), rs, gam, bet, gam / wsum
 
 
 @triton.jit
 def _reweight(x, mu, rs, gam, bet, wg):
-    """xhat and r = sigmoid((xhat * gamma + beta) * w) for a [BC, BP] tile."""
-    xhat = (x - mu[:, None]) * rs[:, None]
+    """xhat and r = sigmoid((xhat * gamma + beta) * w) for a [BC, BP] tile; mu = (hi, lo)."""
+    xhat = ((x - mu[0][:, None]) - mu[1][:, None]) * rs[:, None]
     r = tl.sigmoid((xhat * gam[:, None] + bet[:, None]) * wg[:, None])
     return xhat, r
 
@@ -177,7 +187,8 @@ def _sru_stats_merge_kernel(
     """Merge the SPLIT partials of each (sample, group) and write mean and rstd.
 
     part_ptr: (NG, SPLIT, 4) from _sru_stats_partial_kernel (shifted by the group's K);
-    mean_ptr, rstd_ptr: (NG,).
+    mean_ptr: (NG,) fp64 (always: for fp32/fp16/bf16 inputs too, see _channel_params);
+    rstd_ptr: (NG,) accumulation dtype.
     M: elements per group; eps = eps_hi + eps_lo (an fp64 eps split into two fp32 halves).
     TORCH_GN: rstd = 1/sqrt(M2/M + eps), else rstd = 1/(sqrt(M2/(M-1)) + eps).
     WRITE_WSUM: program 0 also writes sum(gamma) of w_ptr (C,) to wsum_ptr (1,), so that the
@@ -203,14 +214,17 @@ def _sru_stats_merge_kernel(
         mean = mean + delta * frac
         m2 = m2 + m2b + delta * delta * (cnt * frac)
         cnt = tot
-    mean += tl.load(part_ptr + rows.to(tl.int64) * SPLIT * 4 + 3, mask=mask, other=0.0)
+    # mean = K + shifted mean, formed in fp64 (exact for two fp32 terms): the fp32 path keeps
+    # the low bits that one fp32 mean would round away (up to ulp(mean) / 2).
+    mean64 = mean.to(tl.float64) + tl.load(part_ptr + rows.to(tl.int64) * SPLIT * 4 + 3, mask=mask,
+                                           other=0.0).to(tl.float64)
     eps = _acc(eps_hi, FP64) + _acc(eps_lo, FP64)
     mf = _acc(M, FP64)
     if TORCH_GN:
         rstd = 1.0 / tl.sqrt(m2 / mf + eps)
     else:
         rstd = 1.0 / (tl.sqrt(m2 / (mf - 1.0)) + eps)
-    tl.store(mean_ptr + rows, mean, mask=mask)
+    tl.store(mean_ptr + rows, mean64, mask=mask)
     tl.store(rstd_ptr + rows, rstd, mask=mask)
 
 
@@ -227,7 +241,8 @@ def _sru_apply_kernel(
     """Fused SRU forward for channel pairs (c, c + HALF), c in a block of BC, and BP pixels.
 
     x_ptr/out_ptr: (N, C, H, W) input and output, strides sx_*/so_* (out may differ from x).
-    mean_ptr, rstd_ptr: (N, G) stats; w_ptr, b_ptr: (C,) gamma, beta (contiguous).
+    mean_ptr, rstd_ptr: (N, G) stats (mean fp64, rstd accumulation dtype);
+    w_ptr, b_ptr: (C,) gamma, beta (contiguous).
     wsum_ptr: (1,) sum(gamma), read when HAS_WSUM (else summed in every program).
     tau = tau_hi + tau_lo. N_CB = cdiv(HALF, BC), N_PB = cdiv(HW, BP); grid (N * N_CB * N_PB,).
     Reads x once (both halves of each pair in one program), writes s once.
@@ -602,7 +617,9 @@ def sru_stats(x: torch.Tensor, group_num: int, eps: float, torch_gn: bool, *,
               weight: torch.Tensor | None = None, split: int | None = None, tile: int | None = None):
     """Per (sample, group) mean and rstd of x (N, C, H, W), numerically robust (Chan merging).
 
-    Returns (mean, rstd), each (N, group_num), fp32 (fp64 for fp64 x). rstd = 1/sqrt(var + eps)
+    Returns (mean, rstd), each (N, group_num): mean in fp64 for every input dtype (an fp32 mean
+    would round by up to ulp(mean)/2, a large error when the spread is tiny next to the mean;
+    the kernels use it as an fp32 hi/lo pair), rstd fp32 (fp64 for fp64 x). rstd = 1/sqrt(var + eps)
     with the biased variance when ``torch_gn``, else 1/(std + eps) with the unbiased std.
     With ``weight`` (gamma, C elements) it returns (mean, rstd, wsum): wsum = sum(weight), a
     (1,) tensor written by the merge kernel for ``sru_apply(..., wsum=wsum)`` (no extra launch).
@@ -616,7 +633,7 @@ def sru_stats(x: torch.Tensor, group_num: int, eps: float, torch_gn: bool, *,
     G, CG, HW = group_num, C // group_num, H * W
     acc = _acc_dtype(x)
     fp64 = acc == torch.float64
-    mean = torch.empty((N, G), device=x.device, dtype=acc)
+    mean = torch.empty((N, G), device=x.device, dtype=torch.float64)  # fp64: see _channel_params
     rstd = torch.empty((N, G), device=x.device, dtype=acc)
     wsum = None
     if weight is not None:
@@ -660,7 +677,7 @@ def sru_apply(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: t
               tile: int | None = None) -> torch.Tensor:
     """Fused SRU forward: s = cross-reconstruction of the gated x. One launch.
 
-    x: (N, C, H, W) any strides; mean, rstd: (N, G) from :func:`sru_stats`; weight, bias:
+    x: (N, C, H, W) any strides; mean (fp64), rstd: (N, G) from :func:`sru_stats`; weight, bias:
     gamma and beta with C elements; w_gamma = weight / sum(weight), with sum(weight) read from
     ``wsum`` ((1,) tensor, e.g. from ``sru_stats(..., weight=)``) or else summed in-kernel.
     Returns s = torch.empty_like(x) (same memory format, dtype of x).
@@ -816,7 +833,7 @@ def aot_specs():
         sig, const = strides("sx", "so")
         specs.append(AotSpec(
             _sru_apply_kernel,
-            {"x_ptr": xt, "out_ptr": xt, "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "w_ptr": xt, "b_ptr": xt,
+            {"x_ptr": xt, "out_ptr": xt, "mean_ptr": "*fp64", "rstd_ptr": "*fp32", "w_ptr": xt, "b_ptr": xt,
              "wsum_ptr": "*fp32", **common, **sig,
              "tau_hi": "fp32", "tau_lo": "fp32", "N_CB": "i32", "N_PB": "i32",
              "HARD": "constexpr", "FLAT": "constexpr", "FP64": "constexpr", "HAS_WSUM": "constexpr",
@@ -827,7 +844,7 @@ def aot_specs():
         sig, const = strides("sx", "sd")
         specs.append(AotSpec(
             _sru_bwd_partial_kernel,
-            {"x_ptr": xt, "ds_ptr": xt, "p_ptr": "*fp32", "q_ptr": "*fp32", "mean_ptr": "*fp32",
+            {"x_ptr": xt, "ds_ptr": xt, "p_ptr": "*fp32", "q_ptr": "*fp32", "mean_ptr": "*fp64",
              "rstd_ptr": "*fp32", "w_ptr": xt, "b_ptr": xt, **common, **sig,
              "tau_hi": "fp32", "tau_lo": "fp32", "N_CB": "i32", "SPLIT": "i32", "PB_PER_PROG": "i32",
              "FLAT": "constexpr", "FP64": "constexpr", "BC": "constexpr", "BP": "constexpr",
@@ -855,7 +872,7 @@ def aot_specs():
         for hard in (False, True):
             specs.append(AotSpec(
                 _sru_bwd_dx_kernel,
-                {"x_ptr": xt, "ds_ptr": xt, "dx_ptr": xt, "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+                {"x_ptr": xt, "ds_ptr": xt, "dx_ptr": xt, "mean_ptr": "*fp64", "rstd_ptr": "*fp32",
                  "w_ptr": xt, "b_ptr": xt, "a_ptr": "*fp32", "bsum_ptr": "*fp32", "wsum_ptr": "*fp32",
                  **common, "M": "i32", "eps_hi": "fp32", "eps_lo": "fp32", **sig,
                  "tau_hi": "fp32", "tau_lo": "fp32", "N_CB": "i32", "N_PB": "i32",
@@ -866,7 +883,7 @@ def aot_specs():
             ))
     specs.append(AotSpec(
         _sru_stats_merge_kernel,
-        {"part_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "w_ptr": "*fp32", "wsum_ptr": "*fp32",
+        {"part_ptr": "*fp32", "mean_ptr": "*fp64", "rstd_ptr": "*fp32", "w_ptr": "*fp32", "wsum_ptr": "*fp32",
          "NG": "i32", "SPLIT": "i32", "M": "i32", "eps_hi": "fp32", "eps_lo": "fp32", "C": "i32",
          "TORCH_GN": "constexpr", "FP64": "constexpr", "BLOCK": "constexpr", "WRITE_WSUM": "constexpr",
          "BLOCK_W": "constexpr"},

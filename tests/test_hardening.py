@@ -411,10 +411,6 @@ def test_large_mean_tiny_spread_at_least_as_good_as_fp32_reference(torch_gn, dev
     assert _rel(yf, y64) <= _rel(y32, y64)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known limitation: the per-group mean is stored as one fp32 number, rounded by up to "
-    "ulp(1e4)/2 ~ 5e-4, i.e. 5% of a 1e-2 spread; xhat inherits that offset (so does the "
-    "fp32 reference). Fixing it needs a hi/lo (or fp64) mean in the saved statistics."))
 @pytest.mark.parametrize("torch_gn", [True], ids=["tgn"])
 def test_large_mean_tiny_spread_close_to_fp64(torch_gn, device):
     yf, _, y64 = _sru_fp32_large_mean(torch_gn, device)

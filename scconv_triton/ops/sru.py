@@ -37,7 +37,9 @@ def _sru_fwd(
 def _sru_fwd_fake(x, weight, bias, group_num, eps, torch_gn, tau, hard):
     acc = _acc_dtype(x)
     n = x.shape[0]
-    return torch.empty_like(x), x.new_empty((n, group_num), dtype=acc), x.new_empty((n, group_num), dtype=acc)
+    # mean is fp64 for every input dtype (kernels/sru.py: an fp32 hi/lo pair in the kernels)
+    mean = x.new_empty((n, group_num), dtype=torch.float64)
+    return torch.empty_like(x), mean, x.new_empty((n, group_num), dtype=acc)
 
 
 @torch.library.custom_op("scconv_triton::sru_bwd", mutates_args=())
@@ -96,8 +98,8 @@ class SRUFunction(torch.autograd.Function):
     """Fused SRU with a recomputing backward.
 
     forward(ctx, x, weight, bias, group_num, eps, torch_gn, tau, hard): weight and bias are
-    the (C,) GroupNorm affine parameters. Saves ONLY x, the per-(sample, group) mean and rstd
-    (N x G, fp32 or fp64), weight and bias: nothing of size N x C x H x W besides x.
+    the (C,) GroupNorm affine parameters. Saves ONLY x, the per-(sample, group) mean (N x G,
+    fp64) and rstd (N x G, fp32 or fp64), weight and bias: nothing of size N x C x H x W besides x.
     backward recomputes xhat, r = sigmoid(gn(x) * w_gamma) and the gate from x and the stats,
     then returns dx (through the gate, both halves of the cross-reconstruction and the
     GroupNorm), d weight (GroupNorm affine + w_gamma = weight / sum(weight)) and d bias; with
