@@ -70,6 +70,25 @@ def _pix_off(p, W, s_h, s_w, FLAT: tl.constexpr):
 
 
 @triton.jit
+def _pair_tile(pid, HALF, HW, N_CB, N_PB, BC: tl.constexpr, BP: tl.constexpr):
+    """Tile of a pair kernel: sample n, channels c < HALF and partners c + HALF, BP pixels.
+
+    pid enumerates (n, channel block, pixel block), pixel blocks fastest. Returns
+    n, n as int64, c, c + HALF, the channel mask, the 2-D (channel, pixel) mask and
+    the int64 pixel indices.
+    """
+    pb = pid % N_PB
+    rest = pid // N_PB
+    cb = rest % N_CB
+    n = rest // N_CB
+    c = cb * BC + tl.arange(0, BC)
+    p = pb * BP + tl.arange(0, BP)
+    mc = c < HALF
+    m = mc[:, None] & (p < HW)[None, :]
+    return n, n.to(tl.int64), c, c + HALF, mc, m, p.to(tl.int64)
+
+
+@triton.jit
 def _weight_sum(w_ptr, C, FP64: tl.constexpr, BLOCK_W: tl.constexpr):
     """sum(gamma) over the C channels (contiguous weight), fixed order."""
     offs = tl.arange(0, BLOCK_W)
@@ -247,18 +266,7 @@ def _sru_apply_kernel(
     tau = tau_hi + tau_lo. N_CB = cdiv(HALF, BC), N_PB = cdiv(HW, BP); grid (N * N_CB * N_PB,).
     Reads x once (both halves of each pair in one program), writes s once.
     """
-    pid = tl.program_id(0)
-    pb = pid % N_PB
-    rest = pid // N_PB
-    cb = rest % N_CB
-    n = rest // N_CB
-    c = cb * BC + tl.arange(0, BC)
-    cp = c + HALF
-    p = pb * BP + tl.arange(0, BP)
-    mc = c < HALF
-    m = mc[:, None] & (p < HW)[None, :]
-    p64 = p.to(tl.int64)
-    n64 = n.to(tl.int64)
+    n, n64, c, cp, mc, m, p64 = _pair_tile(tl.program_id(0), HALF, HW, N_CB, N_PB, BC, BP)
     wsum = _get_wsum(w_ptr, wsum_ptr, C, HAS_WSUM, FP64, BLOCK_W)
     tau = _acc(tau_hi, FP64) + _acc(tau_lo, FP64)
 
@@ -457,18 +465,7 @@ def _sru_bwd_dx_kernel(
     HARD: dx = W1 ds_c + W2 ds_partner only (no gradient through the masks).
     Grid (N * N_CB * N_PB,).
     """
-    pid = tl.program_id(0)
-    pb = pid % N_PB
-    rest = pid // N_PB
-    cb = rest % N_CB
-    n = rest // N_CB
-    c = cb * BC + tl.arange(0, BC)
-    cp = c + HALF
-    p = pb * BP + tl.arange(0, BP)
-    mc = c < HALF
-    m = mc[:, None] & (p < HW)[None, :]
-    p64 = p.to(tl.int64)
-    n64 = n.to(tl.int64)
+    n, n64, c, cp, mc, m, p64 = _pair_tile(tl.program_id(0), HALF, HW, N_CB, N_PB, BC, BP)
     c64 = c.to(tl.int64)[:, None]
     cp64 = cp.to(tl.int64)[:, None]
     wsum = _get_wsum(w_ptr, wsum_ptr, C, HAS_WSUM, FP64, BLOCK_W)
