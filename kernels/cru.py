@@ -8,10 +8,10 @@ and channel c of Y2 is P2[c] for c < P and ident[c - P] otherwise.
 
 Kernels (forward):
   _cru_weights_kernel   merged k x k weight of GWC + PWC1, and the squeeze weight for backward
-  _cru_pool_kernel      m = per (n, channel) means of Y1 and Y2            (N, 2C) fp32/fp64
+  _cru_zsum_kernel      m = per (n, channel) means of Y1 and Y2 (pool)     (N, 2C) fp32/fp64
   _cru_combine_kernel   A = softmax(m) (channel or pairwise), out = A1*Y1 + A2*Y2; writes A
 Kernels (backward):
-  _cru_reduce_kernel    dA_j = sum_hw dout_{j mod C} * Z_j                   (N, 2C)
+  _cru_zsum_kernel      dA_j = sum_hw dout_{j mod C} * Z_j (WEIGHTED)        (N, 2C)
   _cru_combine_bwd_kernel  softmax Jacobian, dY1, dP2, dident
   _cru_dsq_kernel       d_sq = [d_up, d_low + scatter(dident at stride s)] for the squeeze backward
   _cru_wgrad_kernel     split the merged weight's gradient into GWC.weight and PWC1.weight grads
@@ -155,20 +155,25 @@ def _cru_weights_kernel(
 
 
 @triton.jit
-def _cru_pool_kernel(
-    y1_ptr, p2_ptr, id_ptr, m_ptr,
+def _cru_zsum_kernel(
+    do_ptr, y1_ptr, p2_ptr, id_ptr, out_ptr,
     C, P, Wo, HW,
+    sd_n, sd_c, sd_h, sd_w,
     sy_n, sy_c, sy_h, sy_w,
     sp_n, sp_c, sp_h, sp_w,
     si_n, si_c, si_h, si_w,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, F64: tl.constexpr,
+    WEIGHTED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, F64: tl.constexpr,
 ):
-    """m[n, c] = mean_hw Y1[n, c]; m[n, C + c] = mean_hw Y2[n, c].
+    """Per (n, channel) spatial reductions of Z = [Y1, Y2], written to out (N, 2C).
 
+    WEIGHTED False (forward pool): out[n, c] = mean_hw Y1[n, c], out[n, C + c] = mean_hw Y2[n, c].
+    WEIGHTED True (backward): out[n, c] = sum_hw dout[n, c] * Y1[n, c] and
+    out[n, C + c] = sum_hw dout[n, c] * Y2[n, c] (dA); dout is read once for both halves.
     Grid (N, cdiv(C, BLOCK_C)); each program loops over the Ho*Wo = HW positions.
     y1_ptr (N, C, Ho, Wo), p2_ptr (N, P, Ho, Wo), id_ptr (N, C - P, Ho, Wo) (a strided
-    view such as low[:, :, ::s, ::s]), each with its own (n, c, h, w) strides.
-    m_ptr: out, contiguous (N, 2C), fp32 (fp64 when F64).
+    view such as low[:, :, ::s, ::s]), do_ptr (N, C, Ho, Wo) (stride 0 allowed, e.g. an
+    expanded gradient; unused unless WEIGHTED), each with its own (n, c, h, w) strides.
+    out_ptr: contiguous (N, 2C), fp32 (fp64 when F64).
     """
     n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -176,6 +181,7 @@ def _cru_pool_kernel(
     c64 = c.to(tl.int64)
     isp = cm & (c < P)
     isi = cm & (c >= P)
+    d_row = do_ptr + n * sd_n + c64 * sd_c
     y_row = y1_ptr + n * sy_n + c64 * sy_c
     p_row = p2_ptr + n * sp_n + c64 * sp_c
     i_row = id_ptr + n * si_n + (c64 - P) * si_c
@@ -185,15 +191,26 @@ def _cru_pool_kernel(
         oy, hm = _hw_offsets(start, HW, Wo, sy_h, sy_w, BLOCK_HW)
         op, _ = _hw_offsets(start, HW, Wo, sp_h, sp_w, BLOCK_HW)
         oi, _ = _hw_offsets(start, HW, Wo, si_h, si_w, BLOCK_HW)
-        y = tl.load(y_row[:, None] + oy[None, :], mask=cm[:, None] & hm[None, :], other=0.0)
+        mm = cm[:, None] & hm[None, :]
+        y = _acc(tl.load(y_row[:, None] + oy[None, :], mask=mm, other=0.0), F64)
         p = tl.load(p_row[:, None] + op[None, :], mask=isp[:, None] & hm[None, :], other=0.0)
         q = tl.load(i_row[:, None] + oi[None, :], mask=isi[:, None] & hm[None, :], other=0.0)
-        acc1 += _acc(y, F64)
-        acc2 += _acc(p, F64) + _acc(q, F64)
-    m1 = tl.sum(acc1, axis=1) / HW
-    m2 = tl.sum(acc2, axis=1) / HW
-    tl.store(m_ptr + n * (2 * C) + c, m1, mask=cm)
-    tl.store(m_ptr + n * (2 * C) + C + c, m2, mask=cm)
+        y2 = _acc(p, F64) + _acc(q, F64)
+        if WEIGHTED:
+            od, _ = _hw_offsets(start, HW, Wo, sd_h, sd_w, BLOCK_HW)
+            d = _acc(tl.load(d_row[:, None] + od[None, :], mask=mm, other=0.0), F64)
+            acc1 += d * y
+            acc2 += d * y2
+        else:
+            acc1 += y
+            acc2 += y2
+    r1 = tl.sum(acc1, axis=1)
+    r2 = tl.sum(acc2, axis=1)
+    if not WEIGHTED:
+        r1 = r1 / HW
+        r2 = r2 / HW
+    tl.store(out_ptr + n * (2 * C) + c, r1, mask=cm)
+    tl.store(out_ptr + n * (2 * C) + C + c, r2, mask=cm)
 
 
 @triton.jit
@@ -249,49 +266,6 @@ def _cru_combine_kernel(
                     other=0.0)
         o = a1[:, None] * _acc(y, F64) + a2[:, None] * (_acc(p, F64) + _acc(q, F64))
         tl.store(out_ptr + n * so_n + c64[:, None] * so_c + oo[None, :], o.to(out_ptr.dtype.element_ty), mask=mm)
-
-
-@triton.jit
-def _cru_reduce_kernel(
-    do_ptr, y1_ptr, p2_ptr, id_ptr, da_ptr,
-    C, P, Wo, HW,
-    sd_n, sd_c, sd_h, sd_w,
-    sy_n, sy_c, sy_h, sy_w,
-    sp_n, sp_c, sp_h, sp_w,
-    si_n, si_c, si_h, si_w,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, F64: tl.constexpr,
-):
-    """dA[n, c] = sum_hw dout[n, c] * Y1[n, c]; dA[n, C + c] = sum_hw dout[n, c] * Y2[n, c].
-
-    Grid (N, cdiv(C, BLOCK_C)); dout is read once for both halves. do_ptr (N, C, Ho, Wo)
-    with strides sd_* (stride 0 allowed, e.g. an expanded gradient); da_ptr: out (N, 2C).
-    """
-    n = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
-    c64 = c.to(tl.int64)
-    isp = cm & (c < P)
-    isi = cm & (c >= P)
-    d_row = do_ptr + n * sd_n + c64 * sd_c
-    y_row = y1_ptr + n * sy_n + c64 * sy_c
-    p_row = p2_ptr + n * sp_n + c64 * sp_c
-    i_row = id_ptr + n * si_n + (c64 - P) * si_c
-    acc1 = _acc(tl.zeros([BLOCK_C, BLOCK_HW], tl.float32), F64)
-    acc2 = _acc(tl.zeros([BLOCK_C, BLOCK_HW], tl.float32), F64)
-    for start in range(0, HW, BLOCK_HW):
-        od, hm = _hw_offsets(start, HW, Wo, sd_h, sd_w, BLOCK_HW)
-        oy, _ = _hw_offsets(start, HW, Wo, sy_h, sy_w, BLOCK_HW)
-        op, _ = _hw_offsets(start, HW, Wo, sp_h, sp_w, BLOCK_HW)
-        oi, _ = _hw_offsets(start, HW, Wo, si_h, si_w, BLOCK_HW)
-        mm = cm[:, None] & hm[None, :]
-        d = _acc(tl.load(d_row[:, None] + od[None, :], mask=mm, other=0.0), F64)
-        y = tl.load(y_row[:, None] + oy[None, :], mask=mm, other=0.0)
-        p = tl.load(p_row[:, None] + op[None, :], mask=isp[:, None] & hm[None, :], other=0.0)
-        q = tl.load(i_row[:, None] + oi[None, :], mask=isi[:, None] & hm[None, :], other=0.0)
-        acc1 += d * _acc(y, F64)
-        acc2 += d * (_acc(p, F64) + _acc(q, F64))
-    tl.store(da_ptr + n * (2 * C) + c, tl.sum(acc1, axis=1), mask=cm)
-    tl.store(da_ptr + n * (2 * C) + C + c, tl.sum(acc2, axis=1), mask=cm)
 
 
 @triton.jit
@@ -524,22 +498,26 @@ def cru_weights(w_gwc, w_pwc1, w_sq1, w_sq2, groups: int, channels_last: bool):
     return wm, wsq
 
 
-def cru_pool(y1, p2, ident):
-    """m (N, 2C): per (n, channel) means of Y1 and of Y2 = [p2, ident] (read in place)."""
+def _zsum(dout, y1, p2, ident):
     n, c, ho, wo = y1.shape
-    p = p2.shape[1]
     hw = ho * wo
-    m = torch.empty((n, 2 * c), dtype=acc_dtype(y1.dtype), device=y1.device)
+    out = torch.empty((n, 2 * c), dtype=acc_dtype(y1.dtype), device=y1.device)
     bc, bhw = _tiles(y1, c, hw, loop=True)
     p2a = p2 if p2.numel() else ident
+    weighted = dout is not None
     grid = (n, triton.cdiv(c, bc))
-    _cru_pool_kernel[grid](
-        y1, p2a, ident, m,
-        c, p, wo, hw,
-        *y1.stride(), *_s4(p2), *ident.stride(),
-        BLOCK_C=bc, BLOCK_HW=bhw, F64=_is_f64(y1), num_warps=_NUM_WARPS,
+    _cru_zsum_kernel[grid](
+        dout if weighted else y1, y1, p2a, ident, out,
+        c, p2.shape[1], wo, hw,
+        *(dout.stride() if weighted else (0, 0, 0, 0)), *y1.stride(), *_s4(p2), *ident.stride(),
+        WEIGHTED=weighted, BLOCK_C=bc, BLOCK_HW=bhw, F64=_is_f64(y1), num_warps=_NUM_WARPS,
     )
-    return m
+    return out
+
+
+def cru_pool(y1, p2, ident):
+    """m (N, 2C): per (n, channel) means of Y1 and of Y2 = [p2, ident] (read in place)."""
+    return _zsum(None, y1, p2, ident)
 
 
 def cru_combine(y1, p2, ident, m, pairwise: bool):
@@ -565,20 +543,7 @@ def cru_combine(y1, p2, ident, m, pairwise: bool):
 
 def cru_reduce(dout, y1, p2, ident):
     """dA (N, 2C): per (n, channel) sums of dout * Y1 and dout * Y2."""
-    n, c, ho, wo = y1.shape
-    p = p2.shape[1]
-    hw = ho * wo
-    da = torch.empty((n, 2 * c), dtype=acc_dtype(y1.dtype), device=y1.device)
-    bc, bhw = _tiles(y1, c, hw, loop=True)
-    p2a = p2 if p2.numel() else ident
-    grid = (n, triton.cdiv(c, bc))
-    _cru_reduce_kernel[grid](
-        dout, y1, p2a, ident, da,
-        c, p, wo, hw,
-        *dout.stride(), *y1.stride(), *_s4(p2), *ident.stride(),
-        BLOCK_C=bc, BLOCK_HW=bhw, F64=_is_f64(y1), num_warps=_NUM_WARPS,
-    )
-    return da
+    return _zsum(dout, y1, p2, ident)
 
 
 def cru_combine_bwd(dout, a, da, p: int, pairwise: bool, dtype: torch.dtype, channels_last: bool):
@@ -671,11 +636,11 @@ def aot_specs():
         specs.append(AotSpec(_cru_weights_kernel, sig(names, types), {"BLOCK": _WBLOCK, "F64": False}, _NUM_WARPS))
         act = ["n", "c", "h", "w"]
         # pool (NCHW tiles) and combine (channels_last tiles)
-        names = ["y1_ptr", "p2_ptr", "id_ptr", "m_ptr", "C", "P", "Wo", "HW"] + \
-            [f"s{t}_{a}" for t in "ypi" for a in act] + ["BLOCK_C", "BLOCK_HW", "F64"]
-        types = [p, p, p, f] + [i32] * 4 + strides4 * 3 + ["constexpr"] * 3
-        specs.append(AotSpec(_cru_pool_kernel, sig(names, types),
-                             {"BLOCK_C": lbc, "BLOCK_HW": lbhw, "F64": False}, _NUM_WARPS))
+        zsum = ["do_ptr", "y1_ptr", "p2_ptr", "id_ptr", "out_ptr", "C", "P", "Wo", "HW"] + \
+            [f"s{t}_{a}" for t in "dypi" for a in act] + ["WEIGHTED", "BLOCK_C", "BLOCK_HW", "F64"]
+        ztypes = [p, p, p, p, f] + [i32] * 4 + strides4 * 4 + ["constexpr"] * 4
+        specs.append(AotSpec(_cru_zsum_kernel, sig(zsum, ztypes),
+                             {"WEIGHTED": False, "BLOCK_C": lbc, "BLOCK_HW": lbhw, "F64": False}, _NUM_WARPS))
         names = ["y1_ptr", "p2_ptr", "id_ptr", "m_ptr", "out_ptr", "a_ptr", "C", "P", "Wo", "HW"] + \
             [f"s{t}_{a}" for t in "ypio" for a in act] + ["C_ITERS", "PAIRWISE", "BLOCK_C", "BLOCK_HW", "BLOCK_M", "F64"]
         types = [p, p, p, f, p, f] + [i32] * 4 + strides4 * 4 + [i32] + ["constexpr"] * 5
@@ -684,11 +649,8 @@ def aot_specs():
                               "F64": False},
                              _NUM_WARPS))
         # backward
-        names = ["do_ptr", "y1_ptr", "p2_ptr", "id_ptr", "da_ptr", "C", "P", "Wo", "HW"] + \
-            [f"s{t}_{a}" for t in "dypi" for a in act] + ["BLOCK_C", "BLOCK_HW", "F64"]
-        types = [p, p, p, p, f] + [i32] * 4 + strides4 * 4 + ["constexpr"] * 3
-        specs.append(AotSpec(_cru_reduce_kernel, sig(names, types),
-                             {"BLOCK_C": lbc, "BLOCK_HW": lbhw, "F64": False}, _NUM_WARPS))
+        specs.append(AotSpec(_cru_zsum_kernel, sig(zsum, ztypes),
+                             {"WEIGHTED": True, "BLOCK_C": lbc, "BLOCK_HW": lbhw, "F64": False}, _NUM_WARPS))
         names = ["do_ptr", "a_ptr", "da_ptr", "dy1_ptr", "dp2_ptr", "did_ptr", "C", "P", "Wo", "HW"] + \
             [f"s{t}_{a}" for t in "dypi" for a in act] + ["C_ITERS", "PAIRWISE", "BLOCK_C", "BLOCK_HW", "BLOCK_M", "F64"]
         types = [p, f, f, p, p, p] + [i32] * 4 + strides4 * 4 + [i32] + ["constexpr"] * 5
