@@ -9,6 +9,7 @@ interpreter (tests/conftest.py).
 import pytest
 import torch
 
+from benchmarks.meter import SavedBytes
 from scconv_triton import reference as ref
 from scconv_triton.modules import CRU
 from scconv_triton.ops import cru as cru_ops
@@ -150,30 +151,21 @@ def test_scalar_loss_expanded_grad_and_strided_input(device):
 
 def _saved_bytes(c, n, h, w, recompute, device):
     """Bytes autograd keeps for the fused CRU's backward (distinct storages),
-    parameters and the input excluded."""
+    parameters and the input excluded (benchmarks.meter.SavedBytes)."""
     r, f = _pair(c, {}, torch.float32, device, recompute)
     x = torch.randn(n, c, h, w, device=device).requires_grad_(True)
-    skip = {p.untyped_storage().data_ptr() for p in f.parameters()} | {x.untyped_storage().data_ptr()}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes(input=[x], params=f.parameters()) as saved:
         y = f(x)
     y.sum().backward()
-    return sum(seen.values())
+    return saved.bytes
 
 
 def test_saved_bytes_budget(device):
     # S = bytes of one N x C x H x W tensor at C = 64. Besides its input s, the CRU
-    # Function saves up (S/4), low (S/4), Y1 (S), P2 (3S/4) and A: 2.25 S of activations,
-    # plus the merged and squeeze weights (weight-sized: 0.05 S at batch 2, 56x56);
-    # recompute=True drops Y1 and P2: 0.5 S. Activations are measured per sample
-    # (batch 2 minus batch 1, so the weight-sized tensors cancel), weights apart.
+    # Function saves up (S/4), low (S/4), Y1 (S), P2 (3S/4) and A: 2.25 S of activations
+    # (the merged weights are rebuilt in backward, not saved); recompute=True drops Y1
+    # and P2: 0.5 S. Activations are measured per sample (batch 2 minus batch 1, so
+    # anything not proportional to the batch cancels), the rest apart.
     c, h, w = 64, 16, 16
     s1 = c * h * w * 4
     out = {}
@@ -183,7 +175,7 @@ def test_saved_bytes_budget(device):
         out[rc] = ((b2 - b1) / s1, (2 * b1 - b2) / (c * 56 * 56 * 4 * 2))
     print(
         f"\nCRU saved besides its input: default {out[False][0]:.3f} S, recompute {out[True][0]:.3f} S "
-        f"(activations), + weight-sized {out[False][1]:.3f} S at batch 2, 56x56"
+        f"(activations), + not batch-proportional {out[False][1]:.3f} S at batch 2, 56x56"
     )
     assert out[True][0] < out[False][0]
     assert out[False][0] + out[False][1] <= 2.5

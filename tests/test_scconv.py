@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import scconv_triton
+from benchmarks.meter import SavedBytes
 from scconv_triton import reference as ref
 
 CONFIGS = {
@@ -185,20 +186,10 @@ def test_recompute_gives_identical_results_and_saves_less(device):
 
 def _saved_bytes(model, x):
     """Bytes of distinct storages saved for backward, the input and parameters apart."""
-    exclude = {x.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in exclude:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
     xr = x.detach().requires_grad_(True)
-    exclude.add(xr.untyped_storage().data_ptr())
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes(input=[xr], params=model.parameters()) as saved:
         model(xr)
-    return sum(seen.values())
+    return saved.bytes
 
 
 @pytest.mark.parametrize("recompute,budget", [(False, 2.5), (True, 0.6)])
