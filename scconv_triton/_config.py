@@ -12,6 +12,13 @@ from dataclasses import dataclass
 GATES = ("soft", "hard")
 SOFTMAXES = ("channel", "pairwise")
 
+# The SRU's math, as three orthogonal switches (SPEC.md, "Upstream revisions"):
+WEIGHTINGS = ("sum", "softmax")  # w = gamma / sum(gamma) | softmax(gamma) over the C channels
+# soft: W1 = where(r > tau, 1, r), W2 = where(r > tau, 0, r); the others are binary masks
+# M1 and M2 = 1 - M1 with M1 = [r > tau] (gt), [r >= tau] (ge) or, per channel, [w > tau] (channel)
+MASKS = ("soft", "gt", "ge", "channel")
+OPERANDS = ("x", "gn", "rx")  # what the binary masks multiply: x, gn(x) or r * x
+
 
 def _require(cond: bool, rule: str) -> None:
     if not cond:
@@ -30,8 +37,8 @@ def _real(name: str, value) -> float:
     return float(value)
 
 
-def check_sru(channels, group_num, gate_treshold, gate: str = "soft") -> None:
-    """Rules of SRU(channels, group_num, gate_treshold, gate)."""
+def check_sru(channels, group_num, gate_treshold, gate: str | None = "soft") -> None:
+    """Rules of SRU(channels, group_num, gate_treshold, gate); gate None = the revision's rule."""
     channels = _int("channels", channels)
     group_num = _int("group_num", group_num)
     tau = _real("gate_treshold", gate_treshold)
@@ -46,7 +53,112 @@ def check_sru(channels, group_num, gate_treshold, gate: str = "soft") -> None:
         f"channels ({channels}) must be even: the SRU cross-reconstruction pairs channel c with c + C/2",
     )
     _require(0.0 < tau < 1.0, f"gate_treshold must satisfy 0 < tau < 1, got {tau}")
-    _require(gate in GATES, f"gate must be one of {GATES}, got {gate!r}")
+    _require(gate is None or gate in GATES, f"gate must be one of {GATES}, got {gate!r}")
+
+
+@dataclass(frozen=True)
+class SRUMath:
+    """One point of the SRU's switch space; ``code`` is the int the fused path carries.
+
+    code = mask + 4 * operand + 16 * weighting (indices into MASKS, OPERANDS, WEIGHTINGS),
+    so the current form (soft, x, sum) is 0 and its hard gate (gt, x, sum) is 1: a legacy
+    ``hard`` bool means the same thing as a code.
+    """
+
+    weighting: str = "sum"
+    mask: str = "soft"
+    operand: str = "x"
+
+    def __post_init__(self):
+        _require(self.weighting in WEIGHTINGS, f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        _require(self.mask in MASKS, f"mask must be one of {MASKS}, got {self.mask!r}")
+        _require(self.operand in OPERANDS, f"operand must be one of {OPERANDS}, got {self.operand!r}")
+        # the soft rule's weights already contain r; it is defined on x only
+        _require(self.mask != "soft" or self.operand == "x", "the soft mask rule multiplies x (operand='x')")
+
+    @property
+    def code(self) -> int:
+        return MASKS.index(self.mask) + 4 * OPERANDS.index(self.operand) + 16 * WEIGHTINGS.index(self.weighting)
+
+    @classmethod
+    def from_code(cls, code) -> "SRUMath":
+        code = int(code)
+        _require(0 <= code < 32 and code % 16 // 4 < len(OPERANDS), f"not an SRU math code: {code}")
+        return cls(WEIGHTINGS[code // 16], MASKS[code % 4], OPERANDS[code % 16 // 4])
+
+    @property
+    def binary(self) -> bool:
+        """Binary masks (no gradient through them)."""
+        return self.mask != "soft"
+
+    @property
+    def param_grad(self) -> bool:
+        """Whether the SRU passes gradient to gamma and beta (not for binary masks on x)."""
+        return not (self.binary and self.operand == "x")
+
+
+@dataclass(frozen=True)
+class Revision:
+    """An upstream ``ScConv.py`` revision: its SRU math and what its modules look like."""
+
+    name: str
+    math: SRUMath
+    torch_gn: bool  # the SRU's GroupNorm: nn.GroupNorm (True) or GroupBatchnorm2d
+    affine: tuple  # names of the GroupNorm's parameters
+    group_num: int  # ScConv's default group_num
+    cru_names: tuple  # attribute names the CRU had (state_dict prefixes that load)
+
+
+REVISIONS = {
+    r.name: r
+    for r in (
+        Revision("2023-10", SRUMath("sum", "soft", "x"), True, ("weight", "bias"), 4, ("CRU",)),
+        Revision("2023-09", SRUMath("sum", "ge", "gn"), False, ("weight", "bias"), 4, ("CRU",)),
+        Revision("2023-07-27", SRUMath("sum", "ge", "x"), False, ("gamma", "beta"), 16, ("CRU",)),
+        Revision("2023-07-22", SRUMath("softmax", "channel", "rx"), False, ("gamma", "beta"), 16, ("CRU", "GRU")),
+    )
+}
+DEFAULT_REVISION = "2023-10"
+
+
+def check_revision(revision, gate=None, torch_gn=None):
+    """Resolve (Revision, SRUMath, torch_gn, gate) of a revision name and the overrides.
+
+    ``gate`` ("soft" / "hard") selects the mask rule of the 2023-10 form only; the other
+    revisions fix theirs. ``torch_gn`` may switch the GroupNorm of the forms whose
+    parameters are ``weight``/``bias`` (2023-10, 2023-09); the 2023-07 forms' GroupBatchnorm2d
+    has ``gamma``/``beta``, which nn.GroupNorm cannot hold.
+    """
+    _require(revision in REVISIONS, f"revision must be one of {tuple(REVISIONS)}, got {revision!r}")
+    rev = REVISIONS[revision]
+    if revision == DEFAULT_REVISION:
+        gate = "soft" if gate is None else gate
+        _require(gate in GATES, f"gate must be one of {GATES}, got {gate!r}")
+        math = rev.math if gate == "soft" else SRUMath("sum", "gt", "x")
+    else:
+        _require(
+            gate is None,
+            f"gate applies to revision {DEFAULT_REVISION} only; revision {revision} fixes its mask rule "
+            f"({rev.math.mask} on {rev.math.operand}), got gate={gate!r}",
+        )
+        math = rev.math
+    if torch_gn is None:
+        torch_gn = rev.torch_gn
+    _require(isinstance(torch_gn, (bool, int)), f"torch_gn must be a bool, got {torch_gn!r}")
+    torch_gn = bool(torch_gn)
+    _require(
+        not torch_gn or rev.affine == ("weight", "bias"),
+        f"revision {revision} normalises with GroupBatchnorm2d (gamma, beta); torch_gn=True is not available",
+    )
+    return rev, math, torch_gn, gate
+
+
+def revision_group_num(revision, group_num):
+    """ScConv's group_num: the given one, or the revision's default when None."""
+    if group_num is not None:
+        return group_num
+    _require(revision in REVISIONS, f"revision must be one of {tuple(REVISIONS)}, got {revision!r}")
+    return REVISIONS[revision].group_num
 
 
 @dataclass(frozen=True)
@@ -124,7 +236,7 @@ def check_scconv(
     group_kernel_size,
     out_channels=None,
     stride=1,
-    gate="soft",
+    gate=None,
     softmax="channel",
 ) -> CRUShape:
     check_sru(op_channel, group_num, gate_treshold, gate)

@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 
 from . import reference as _ref
-from ._config import GATES, SOFTMAXES, check_scconv
+from ._config import DEFAULT_REVISION, GATES, REVISIONS, SOFTMAXES, check_revision, check_scconv, revision_group_num
 
 __all__ = [
     "convert",
@@ -109,11 +109,20 @@ class ReplacedConv:
     params_before: int
     params_after: int
 
+    def describe(self) -> str:
+        return (
+            f"replaced {self.name}: {self.in_channels}->{self.out_channels} k={self.kernel_size} s={self.stride}"
+            + ("" if self.bias == "none" else f" bias {self.bias}")
+        )
+
 
 @dataclass(frozen=True)
 class SkippedConv:
     name: str
     reason: str
+
+    def describe(self) -> str:
+        return f"skipped  {self.name}: {self.reason}"
 
 
 @dataclass
@@ -124,6 +133,7 @@ class ConversionReport:
     replaced: list = field(default_factory=list)  # [ReplacedConv]
     skipped: list = field(default_factory=list)  # [SkippedConv]: selected but incompatible
     unselected: list = field(default_factory=list)  # names of Conv2d the filters left out
+    action: str = "convert"  # which function made the report (convert / from_upstream)
 
     @property
     def replaced_names(self) -> list:
@@ -145,18 +155,13 @@ class ConversionReport:
         return len(self.replaced)
 
     def __str__(self) -> str:
+        what = "module(s)" if any(hasattr(r, "revision") for r in self.replaced) else "conv(s)"
         lines = [
-            f"convert: replaced {len(self.replaced)} conv(s) "
+            f"{self.action}: replaced {len(self.replaced)} {what} "
             f"({self.params_before:,} -> {self.params_after:,} parameters), "
             f"skipped {len(self.skipped)}, not selected {len(self.unselected)}"
         ]
-        for r in self.replaced:
-            lines.append(
-                f"  replaced {r.name}: {r.in_channels}->{r.out_channels} k={r.kernel_size} s={r.stride}"
-                + ("" if r.bias == "none" else f" bias {r.bias}")
-            )
-        for s in self.skipped:
-            lines.append(f"  skipped  {s.name}: {s.reason}")
+        lines += ["  " + r.describe() for r in (*self.replaced, *self.skipped)]
         return "\n".join(lines)
 
 
@@ -187,8 +192,11 @@ def _check_options(fused: bool, bias: str, kwargs: dict) -> None:
     if unknown:
         extra = " (backend/recompute need fused=True)" if not fused and {"backend", "recompute"} & set(unknown) else ""
         raise TypeError(f"unknown SCConv keyword argument(s) {unknown}{extra}; allowed: {sorted(allowed)}")
-    if "gate" in kwargs and kwargs["gate"] not in GATES:
+    if "revision" in kwargs and kwargs["revision"] not in REVISIONS:
+        raise ValueError(f"revision must be one of {tuple(REVISIONS)}, got {kwargs['revision']!r}")
+    if "gate" in kwargs and kwargs["gate"] is not None and kwargs["gate"] not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {kwargs['gate']!r}")
+    check_revision(kwargs.get("revision", DEFAULT_REVISION), kwargs.get("gate"), kwargs.get("torch_gn"))
     if "softmax" in kwargs and kwargs["softmax"] not in SOFTMAXES:
         raise ValueError(f"softmax must be one of {SOFTMAXES}, got {kwargs['softmax']!r}")
     if "gate_treshold" in kwargs and not 0.0 < float(kwargs["gate_treshold"]) < 1.0:
@@ -238,12 +246,14 @@ def incompatibility(conv: nn.Module, *, bias: str = "keep", **scconv_kwargs) -> 
         return "conv has a bias and bias='skip'"
     cfg = _scconv_defaults()
     cfg.update({k_: v for k_, v in scconv_kwargs.items() if k_ not in ("backend", "recompute")})
-    for name in ("gate", "softmax", "torch_gn"):
-        cfg.pop(name, None)
+    revision = cfg.pop("revision", DEFAULT_REVISION)
+    gate, torch_gn = cfg.pop("gate", None), cfg.pop("torch_gn", None)
+    cfg.pop("softmax", None)
     try:
+        check_revision(revision, gate, torch_gn)
         check_scconv(
             conv.in_channels,
-            cfg["group_num"],
+            revision_group_num(revision, cfg["group_num"]),
             cfg["gate_treshold"],
             cfg["alpha"],
             cfg["squeeze_radio"],

@@ -5,6 +5,12 @@ This reproduces the widely copied unofficial ``ScConv.py`` (``GroupBatchnorm2d``
 of SPEC.md (``out_channels``, ``stride``, ``gate``, ``softmax``, ``torch_gn``),
 whose defaults give the original behaviour. No Triton is imported here.
 
+``revision=`` selects the upstream revision (SPEC.md, "Upstream revisions"):
+"2023-10" (the current form, default), "2023-09", "2023-07-27", "2023-07-22". Each
+is a point of three orthogonal switches (``_config.SRUMath``: weighting, mask rule,
+what the masks multiply), with the revision's parameter names and defaults, so its
+checkpoints load unchanged.
+
 One deliberate detail: ``w_gamma = weight / weight.sum()`` uses ``torch.sum``
 where the original calls Python's builtin ``sum`` (a left fold over channels).
 The two differ only in rounding, and ``torch.sum`` is a single launch.
@@ -17,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._config import check_cru, check_sru
+from ._config import DEFAULT_REVISION, REVISIONS, check_cru, check_revision, check_sru, revision_group_num
 
 __all__ = ["GroupBatchnorm2d", "SRU", "CRU", "SCConv", "ScConv", "check_input"]
 
@@ -43,18 +49,27 @@ def check_input(x, channels: int, who: str) -> None:
 
 
 class GroupBatchnorm2d(nn.Module):
-    """y = (x_g - mean_g) / (std_g + eps) * weight + bias, std unbiased (n - 1)."""
+    """y = (x_g - mean_g) / (std_g + eps) * weight + bias, std unbiased (n - 1).
 
-    def __init__(self, c_num: int, group_num: int = 16, eps: float = 1e-10):
+    ``affine`` names the two (C, 1, 1) parameters: ("weight", "bias") since 2023-09,
+    ("gamma", "beta") in the 2023-07 revisions.
+    """
+
+    def __init__(self, c_num: int, group_num: int = 16, eps: float = 1e-10, *, affine=("weight", "bias")):
         super().__init__()
         if c_num < group_num:
             raise ValueError(f"c_num ({c_num}) must be >= group_num ({group_num})")
         if c_num % group_num != 0:
             raise ValueError(f"c_num ({c_num}) must be divisible by group_num ({group_num})")
         self.group_num = group_num
-        self.weight = nn.Parameter(torch.randn(c_num, 1, 1))
-        self.bias = nn.Parameter(torch.zeros(c_num, 1, 1))
+        self.affine_names = tuple(affine)
+        setattr(self, self.affine_names[0], nn.Parameter(torch.randn(c_num, 1, 1)))
+        setattr(self, self.affine_names[1], nn.Parameter(torch.zeros(c_num, 1, 1)))
         self.eps = eps
+
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gamma, beta) whatever their names."""
+        return getattr(self, self.affine_names[0]), getattr(self, self.affine_names[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -62,14 +77,18 @@ class GroupBatchnorm2d(nn.Module):
         mean = xg.mean(dim=2, keepdim=True)
         std = xg.std(dim=2, keepdim=True)
         xg = (xg - mean) / (std + self.eps)
-        return xg.reshape(n, c, h, w) * self.weight + self.bias
+        gamma, beta = self.affine()
+        return xg.reshape(n, c, h, w) * gamma + beta
 
 
 class SRU(nn.Module):
-    """Spatial Reconstruction Unit.
+    """Spatial Reconstruction Unit of the chosen upstream ``revision``.
 
+    The math is ``self.math`` (``_config.SRUMath``); with the default revision:
     ``gate="soft"`` (the reference): W1 = where(r > tau, 1, r), W2 = where(r > tau, 0, r).
     ``gate="hard"``: W1 = [r > tau], W2 = 1 - W1, no gradient through the masks.
+    ``torch_gn=None`` means the revision's GroupNorm (nn.GroupNorm for 2023-10,
+    GroupBatchnorm2d for the others).
     """
 
     def __init__(
@@ -77,38 +96,60 @@ class SRU(nn.Module):
         oup_channels: int,
         group_num: int = 16,
         gate_treshold: float = 0.5,
-        torch_gn: bool = True,
+        torch_gn: bool | None = None,
         *,
-        gate: str = "soft",
+        gate: str | None = None,
+        revision: str = DEFAULT_REVISION,
     ):
         super().__init__()
         check_sru(oup_channels, group_num, gate_treshold, gate)
+        rev, math, torch_gn, gate = check_revision(revision, gate, torch_gn)
         self.channels = oup_channels
         self.group_num = group_num
         self.gn = (
             nn.GroupNorm(num_channels=oup_channels, num_groups=group_num)
             if torch_gn
-            else GroupBatchnorm2d(c_num=oup_channels, group_num=group_num)
+            else GroupBatchnorm2d(c_num=oup_channels, group_num=group_num, affine=rev.affine)
         )
         self.gate_treshold = gate_treshold
         self.torch_gn = torch_gn
         self.gate = gate
+        self.revision = revision
+        self.math = math
         self.sigomid = nn.Sigmoid()
+
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The GroupNorm's (gamma, beta), named weight/bias or gamma/beta by revision."""
+        gn = self.gn
+        return gn.affine() if isinstance(gn, GroupBatchnorm2d) else (gn.weight, gn.bias)
+
+    def channel_weights(self) -> torch.Tensor:
+        """w of SPEC.md, shape (1, C, 1, 1): gamma / sum(gamma) or softmax(gamma) over channels."""
+        gamma = self.affine()[0].reshape(-1)
+        w = F.softmax(gamma, dim=0) if self.math.weighting == "softmax" else gamma / gamma.sum()
+        return w.view(1, -1, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.channels, type(self).__name__)
         gn_x = self.gn(x)
-        w_gamma = self.gn.weight / self.gn.weight.sum()
-        w_gamma = w_gamma.view(1, -1, 1, 1)
+        w_gamma = self.channel_weights()
         reweigts = self.sigomid(gn_x * w_gamma)
-        if self.gate == "soft":
-            w1 = torch.where(reweigts > self.gate_treshold, torch.ones_like(reweigts), reweigts)
-            w2 = torch.where(reweigts > self.gate_treshold, torch.zeros_like(reweigts), reweigts)
+        tau, m = self.gate_treshold, self.math
+        if m.mask == "soft":
+            w1 = torch.where(reweigts > tau, torch.ones_like(reweigts), reweigts)
+            w2 = torch.where(reweigts > tau, torch.zeros_like(reweigts), reweigts)
         else:
-            w1 = (reweigts > self.gate_treshold).to(x.dtype)
+            if m.mask == "gt":
+                above = reweigts > tau
+            elif m.mask == "ge":
+                above = reweigts >= tau
+            else:  # "channel": per-channel masks from w itself
+                above = w_gamma > tau
+            w1 = above.to(x.dtype)
             w2 = 1 - w1
-        x_1 = w1 * x
-        x_2 = w2 * x
+        operand = {"x": x, "gn": gn_x, "rx": reweigts * x}[m.operand] if m.binary else x
+        x_1 = w1 * operand
+        x_2 = w2 * operand
         return self.reconstruct(x_1, x_2)
 
     @staticmethod
@@ -118,7 +159,10 @@ class SRU(nn.Module):
         return torch.cat([x_11 + x_22, x_12 + x_21], dim=1)
 
     def extra_repr(self) -> str:
-        return f"{self.channels}, group_num={self.group_num}, gate_treshold={self.gate_treshold}, gate={self.gate!r}"
+        return (
+            f"{self.channels}, group_num={self.group_num}, gate_treshold={self.gate_treshold}, "
+            f"gate={self.gate!r}, revision={self.revision!r}"
+        )
 
 
 class CRU(nn.Module):
@@ -184,12 +228,15 @@ class SCConv(nn.Module):
 
     Positional arguments are the reference ``ScConv``'s; the generalisations of
     SPEC.md are keyword-only and default to the reference's behaviour.
+    ``revision`` picks the upstream revision (default the current "2023-10");
+    ``group_num=None`` is that revision's default (4, or 16 for the 2023-07 forms).
+    The 2023-07-22 form named its CRU ``GRU``: its ``GRU.*`` keys load as ``CRU.*``.
     """
 
     def __init__(
         self,
         op_channel: int,
-        group_num: int = 4,
+        group_num: int | None = None,
         gate_treshold: float = 0.5,
         alpha: float = 1 / 2,
         squeeze_radio: int = 2,
@@ -198,14 +245,20 @@ class SCConv(nn.Module):
         *,
         out_channels: int | None = None,
         stride: int = 1,
-        gate: str = "soft",
+        gate: str | None = None,
         softmax: str = "channel",
-        torch_gn: bool = True,
+        torch_gn: bool | None = None,
+        revision: str = DEFAULT_REVISION,
     ):
         super().__init__()
         # SRU rules first, then CRU rules, so the first broken rule is the one reported.
+        group_num = revision_group_num(revision, group_num)
         check_sru(op_channel, group_num, gate_treshold, gate)
-        self.SRU = SRU(op_channel, group_num=group_num, gate_treshold=gate_treshold, torch_gn=torch_gn, gate=gate)
+        check_revision(revision, gate, torch_gn)
+        self.SRU = SRU(
+            op_channel, group_num=group_num, gate_treshold=gate_treshold, torch_gn=torch_gn, gate=gate,
+            revision=revision,
+        )
         self.CRU = CRU(
             op_channel,
             alpha=alpha,
@@ -219,10 +272,19 @@ class SCConv(nn.Module):
         self.in_channels = op_channel
         self.out_channels = self.CRU.out_channels
         self.stride = stride
+        self.revision = revision
+        if "GRU" in REVISIONS[revision].cru_names:
+            self._register_load_state_dict_pre_hook(_gru_keys_as_cru)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_channels, type(self).__name__)
         return self.CRU(self.SRU(x))
+
+
+def _gru_keys_as_cru(state_dict, prefix, *args):
+    """2023-07-22 checkpoints name the CRU ``GRU``: rename ``<prefix>GRU.*`` to ``<prefix>CRU.*``."""
+    for key in [k for k in state_dict if k.startswith(prefix + "GRU.")]:
+        state_dict[prefix + "CRU." + key[len(prefix) + 4:]] = state_dict.pop(key)
 
 
 ScConv = SCConv
