@@ -317,3 +317,78 @@ def test_revisions_differ_on_the_same_weights():
     for i, a in enumerate(REVS):
         for b in REVS[i + 1:]:
             assert rel(outs[a], outs[b]) > 1e-3, (a, b)
+
+
+# ---------------------------------------------------------------------------
+# from_upstream: find, identify, replace
+# ---------------------------------------------------------------------------
+class Net(nn.Module):
+    def __init__(self, *blocks):
+        super().__init__()
+        self.stem = nn.Conv2d(3, blocks[0].SRU.gamma().numel(), 3, padding=1).double()
+        self.body = nn.Sequential(*blocks)
+        self.head = nn.Conv2d(getattr(blocks[-1], blocks[-1].cru_name).GWC.out_channels, 4, 1).double()
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(self.stem(x))))
+
+
+@pytest.mark.parametrize("rev", REVS)
+def test_from_upstream_identifies_each_revision(rev):
+    net = Net(make_loop(16, rev, group_num=4, cru_name="GRU" if rev == "2023-07-22" else "CRU"),
+              make_loop(16, rev, group_num=8, cout=8, stride=2, tau=0.45))
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    want = net(x)
+    rep = from_upstream(net, fused=False)
+    assert [(r.name, r.revision) for r in rep.replaced] == [("body.0", rev), ("body.1", rev)], str(rep)
+    assert not rep.skipped
+    assert all(type(m) is ref.SCConv and m.revision == rev for m in rep.model.body)
+    assert type(net.body[0]) is LoopScConv  # inplace=False converted a copy
+    assert rel(rep.model(x), want) < 1e-12
+    assert identify_revision(net.body[1]) == rev
+
+
+def test_from_upstream_mixed_revisions_and_report():
+    a = make_loop(16, "2023-09", group_num=4)
+    b = make_loop(16, "2023-07-22", cru_name="GRU", cout=8, stride=2)
+    net = Net(a, b)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    want = net(x)
+    rep = from_upstream(net, fused=False, inplace=True)
+    assert rep.model is net
+    assert {r.name: r.revision for r in rep.replaced} == {"body.0": "2023-09", "body.1": "2023-07-22"}
+    text = str(rep)
+    assert "from_upstream: replaced 2 module(s)" in text and "2023-09" in text and "2023-07-22" in text
+    assert rel(net(x), want) < 1e-12
+    # every parameter was copied: a gradient step on the replacement sees the same loss surface
+    assert rep.params_before == rep.params_after
+
+
+def test_from_upstream_refuses_math_of_no_revision():
+    # Right structure and names, but math of no revision: the 2023-09 names with binary
+    # r > tau masks on x, and the 2023-07-22 names with gamma / sum(gamma) weighting.
+    odd1 = make_loop(16, "2023-09", group_num=4, mask="gt", operand="x")
+    odd2 = make_loop(16, "2023-07-22", weighting="sum")
+    good = make_loop(16, "2023-07-27")
+    net = Net(odd1, good, odd2)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    want = net(x)
+    rep = from_upstream(net, fused=False)
+    assert [r.name for r in rep.replaced] == ["body.1"] and rep.replaced[0].revision == "2023-07-27"
+    assert [s.name for s in rep.skipped] == ["body.0", "body.2"]
+    assert all("matches no known upstream revision" in s.reason for s in rep.skipped)
+    assert type(rep.model.body[0]) is LoopScConv and type(rep.model.body[2]) is LoopScConv
+    assert rel(rep.model(x), want) < 1e-12
+    with pytest.raises(ValueError, match="matches no known upstream revision"):
+        identify_revision(odd1)
+
+
+def test_from_upstream_shared_module_and_own_modules():
+    blk = make_loop(16, "2023-10")
+    mine = ref.SCConv(16, revision="2023-09").double()
+    net = nn.Sequential(blk, blk, mine)
+    rep = from_upstream(net, fused=False)
+    assert [r.name for r in rep.replaced] == ["0"] and rep.unselected == ["2"]
+    assert rep.model[0] is rep.model[1] and rep.model[2] is not mine
+    top = from_upstream(blk, fused=False)  # the model is itself one upstream ScConv
+    assert isinstance(top.model, ref.SCConv) and top.replaced[0].name == "(model)"
