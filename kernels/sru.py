@@ -2,12 +2,15 @@
 
 Semantics (SPEC.md), x of shape (N, C, H, W), h = C // 2, per sample n and group g:
     g    = GN(x) = xhat * gamma + beta,   xhat = (x - mean) * rstd
-    w    = gamma / sum(gamma)
+    w    = gamma / sum(gamma)                       SOFTMAX: softmax(gamma) over the C channels
     r    = sigmoid(g * w)
-    soft: W1 = where(r > tau, 1, r),  W2 = where(r > tau, 0, r)
-    hard: W1 = [r > tau],             W2 = 1 - W1
-    s[:, c]     = W1_c * x_c         + W2_{c+h} * x_{c+h}
-    s[:, c + h] = W1_{c+h} * x_{c+h} + W2_c * x_c                    (c < h)
+    MASK soft:    x1 = where(r > tau, 1, r) * x,  x2 = where(r > tau, 0, r) * x
+    MASK gt/ge/channel: M1 = [r > tau] / [r >= tau] / [w_c > tau] (per channel), M2 = 1 - M1,
+         x1 = M1 * o, x2 = M2 * o with the operand o = x, g or r * x (ON = x / gn / rx)
+    s[:, c]     = x1_c + x2_{c+h}
+    s[:, c + h] = x1_{c+h} + x2_c                                    (c < h)
+The upstream revisions are points of these three switches (``scconv_triton._config.SRUMath``,
+whose ``code`` the launchers take as ``mode``): one constexpr per difference.
 GroupNorm flavours: ``torch_gn`` (nn.GroupNorm) rstd = 1 / sqrt(var_biased + eps);
 otherwise (GroupBatchnorm2d) rstd = 1 / (std_unbiased + eps).
 
@@ -22,14 +25,19 @@ Kernels (all take explicit strides, so NCHW and channels_last run without a copy
             _sru_bwd_dx_kernel         dx through the gate, both halves of the cross-reconstruction
                                        and the GroupNorm (recomputed from x and the stats)
 
-Backward math, dz = [r <= tau] * x_c * (ds_c + ds_partner) * r * (1 - r) (soft gate only):
-    dg = dz * w_c, dxhat = dg * gamma_c
+Backward math. With do_c = M1_c ds_c + M2_c ds_partner the gradient into the operand, dz is
+the gradient into r's pre-activation t = g * w, or (ON gn) into g itself:
+    soft: dz = [r <= tau] * x_c * (ds_c + ds_partner) * r * (1 - r)
+    rx:   dz = x_c * do_c * r * (1 - r)            gn: dz = do_c        x (binary): none
+    dg = dz * k_c with k_c = w_c (k_c = 1 for gn), dxhat = dg * gamma_c
     P_nc = sum_hw dz, Q_nc = sum_hw dz * xhat
-    d beta_c  = w_c * sum_n P_nc,  d gamma_c (affine) = w_c * sum_n Q_nc
-    dw_c      = sum dz * g = gamma_c * sum_n Q_nc + beta_c * sum_n P_nc
+    d beta_c  = k_c * sum_n P_nc,  d gamma_c (affine) = k_c * sum_n Q_nc
+    dw_c      = sum dz * g = gamma_c * sum_n Q_nc + beta_c * sum_n P_nc     (0 for gn)
     d gamma_c += dw_c / S - sum_j dw_j gamma_j / S^2          (S = sum gamma)
-    A_ng = sum_{c in g} gamma_c w_c Q_nc,  B_ng = sum_{c in g} gamma_c w_c P_nc
-    dx = W1_c ds_c + W2_c ds_partner + rstd * (dxhat - B / M) - k * xhat * A
+    SOFTMAX:  d gamma_c += w_c dw_c - w_c sum_j w_j dw_j
+    A_ng = sum_{c in g} gamma_c k_c Q_nc,  B_ng = sum_{c in g} gamma_c k_c P_nc
+    dx = direct + rstd * (dxhat - B / M) - k * xhat * A,  direct = W1_c ds_c + W2_c ds_partner (soft),
+         do_c (binary on x, and then nothing else), r * do_c (rx), 0 (gn)
     k = rstd / M (torch_gn);  k = 1 / ((M - 1) * std) (GroupBatchnorm2d: unbiased std, eps on std)
 with M = (C / G) * H * W the group size.
 
@@ -44,6 +52,8 @@ import struct
 import torch
 import triton
 import triton.language as tl
+
+from .._config import MASKS, OPERANDS, SRUMath
 
 __all__ = ["sru_stats", "sru_apply", "sru_backward", "aot_specs"]
 
@@ -89,28 +99,107 @@ def _pair_tile(pid, HALF, HW, N_CB, N_PB, BC: tl.constexpr, BP: tl.constexpr):
 
 
 @triton.jit
-def _weight_sum(w_ptr, C, FP64: tl.constexpr, BLOCK_W: tl.constexpr):
-    """sum(gamma) over the C channels (contiguous weight), fixed order."""
+def _weight_norm(w_ptr, C, SOFTMAX: tl.constexpr, FP64: tl.constexpr, BLOCK_W: tl.constexpr):
+    """(denom, shift) of w over the C channels (contiguous weight), fixed order:
+    w = gamma / denom with denom = sum(gamma), shift unused (0); SOFTMAX: w = exp(gamma - shift)
+    / denom with shift = max(gamma), denom = sum exp(gamma - shift)."""
     offs = tl.arange(0, BLOCK_W)
     acc = _acc(tl.zeros([BLOCK_W], tl.float32), FP64)
-    for c0 in range(0, C, BLOCK_W):
-        acc += _acc(tl.load(w_ptr + c0 + offs, mask=c0 + offs < C, other=0.0), FP64)
-    return tl.sum(acc, axis=0)
-
-
-@triton.jit
-def _get_wsum(w_ptr, wsum_ptr, C, HAS_WSUM: tl.constexpr, FP64: tl.constexpr, BLOCK_W: tl.constexpr):
-    """sum(gamma): one load from wsum_ptr when HAS_WSUM, else summed here."""
-    if HAS_WSUM:
-        return _acc(tl.load(wsum_ptr), FP64)
+    if SOFTMAX:
+        mx = acc + float("-inf")
+        for c0 in range(0, C, BLOCK_W):
+            m = c0 + offs < C
+            mx = tl.maximum(mx, _acc(tl.load(w_ptr + c0 + offs, mask=m, other=float("-inf")), FP64))
+        shift = tl.max(mx, axis=0)
+        for c0 in range(0, C, BLOCK_W):
+            m = c0 + offs < C
+            g = _acc(tl.load(w_ptr + c0 + offs, mask=m, other=0.0), FP64)
+            acc += tl.where(m, tl.exp(g - shift), 0.0)
+        return tl.sum(acc, axis=0), shift
     else:
-        return _weight_sum(w_ptr, C, FP64, BLOCK_W)
+        for c0 in range(0, C, BLOCK_W):
+            acc += _acc(tl.load(w_ptr + c0 + offs, mask=c0 + offs < C, other=0.0), FP64)
+        return tl.sum(acc, axis=0), 0.0
 
 
 @triton.jit
-def _channel_params(n, c, mask_c, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum, FP64: tl.constexpr):
+def _get_wnorm(w_ptr, wn_ptr, C, HAS_WSUM: tl.constexpr, SOFTMAX: tl.constexpr, FP64: tl.constexpr,
+               BLOCK_W: tl.constexpr):
+    """(denom, shift) of w: loaded from wn_ptr (2,) when HAS_WSUM, else computed here."""
+    if HAS_WSUM:
+        if SOFTMAX:
+            return _acc(tl.load(wn_ptr), FP64), _acc(tl.load(wn_ptr + 1), FP64)
+        else:
+            return _acc(tl.load(wn_ptr), FP64), 0.0
+    else:
+        return _weight_norm(w_ptr, C, SOFTMAX, FP64, BLOCK_W)
+
+
+@triton.jit
+def _store_wnorm(wn_ptr, wn, SOFTMAX: tl.constexpr):
+    tl.store(wn_ptr, wn[0])
+    if SOFTMAX:
+        tl.store(wn_ptr + 1, wn[1])
+
+
+@triton.jit
+def _wfac(gam, wn, SOFTMAX: tl.constexpr):
+    """w of channels with gamma ``gam``, from (denom, shift) = wn."""
+    if SOFTMAX:
+        return tl.exp(gam - wn[1]) / wn[0]
+    else:
+        return gam / wn[0]
+
+
+@triton.jit
+def _mask1(r, wg, tau, MASK: tl.constexpr):
+    """M1 as 0/1 of a [BC, BP] tile: [r > tau] (1), [r >= tau] (2), per channel [w > tau] (3)."""
+    if MASK == 1:
+        return tl.where(r > tau, 1.0, 0.0)
+    elif MASK == 2:
+        return tl.where(r >= tau, 1.0, 0.0)
+    else:
+        return tl.zeros_like(r) + tl.where(wg > tau, 1.0, 0.0)[:, None]
+
+
+@triton.jit
+def _gate(x, xhat, r, gam, bet, wg, tau, MASK: tl.constexpr, ON: tl.constexpr):
+    """(x1, x2) of a [BC, BP] channel tile (see the module docstring)."""
+    if MASK == 0:
+        return tl.where(r > tau, 1.0, r) * x, tl.where(r > tau, 0.0, r) * x
+    else:
+        m1 = _mask1(r, wg, tau, MASK)
+        if ON == 0:
+            o = x
+        elif ON == 1:
+            o = xhat * gam[:, None] + bet[:, None]
+        else:
+            o = r * x
+        return m1 * o, (1.0 - m1) * o
+
+
+@triton.jit
+def _grad_z(x, r, wg, ds_own, ds_other, tau, MASK: tl.constexpr, ON: tl.constexpr):
+    """dz of a [BC, BP] tile: gradient into t = g * w (soft, rx) or into g (gn); ds_own is the
+    output gradient of this channel, ds_other that of its partner (which receives x2)."""
+    if MASK == 0:
+        return tl.where(r <= tau, x * (ds_own + ds_other) * r * (1.0 - r), 0.0)
+    else:
+        m1 = _mask1(r, wg, tau, MASK)
+        do = m1 * ds_own + (1.0 - m1) * ds_other
+        if ON == 1:
+            return do
+        elif ON == 2:
+            return x * do * r * (1.0 - r)
+        else:
+            return tl.zeros_like(do)
+
+
+@triton.jit
+def _channel_params(n, c, mask_c, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, SOFTMAX: tl.constexpr,
+                    FP64: tl.constexpr):
     """Per-channel vectors for channels c of sample n: mean as (hi, lo), rstd (of c's group),
-    gamma, beta, w. The mean is stored in fp64 (mean_ptr, (N, G)); the fp32 path splits it into
+    gamma, beta, w (from wn = (denom, shift)). The mean is stored in fp64 (mean_ptr, (N, G)); the fp32 path splits it into
     hi = fp32(mean), lo = fp32(mean - hi), so that xhat = ((x - hi) - lo) * rstd keeps the
     mean's low bits (x - hi is exact when x is close to the mean). FP64: hi = mean, lo = 0."""
     grp = n * G + c // CG
@@ -125,7 +214,7 @@ def _channel_params(n, c, mask_c, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum,
     rs = _acc(tl.load(rstd_ptr + grp, mask=mask_c, other=0.0), FP64)
     gam = _acc(tl.load(w_ptr + c, mask=mask_c, other=0.0), FP64)
     bet = _acc(tl.load(b_ptr + c, mask=mask_c, other=0.0), FP64)
-    return (hi, lo), rs, gam, bet, gam / wsum
+    return (hi, lo), rs, gam, bet, _wfac(gam, wn, SOFTMAX)
 
 
 @triton.jit
@@ -201,7 +290,7 @@ def _sru_stats_merge_kernel(
     part_ptr, mean_ptr, rstd_ptr, w_ptr, wsum_ptr,
     NG, SPLIT, M, eps_hi, eps_lo, C,
     TORCH_GN: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
-    WRITE_WSUM: tl.constexpr, BLOCK_W: tl.constexpr,
+    WRITE_WSUM: tl.constexpr, SOFTMAX: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """Merge the SPLIT partials of each (sample, group) and write mean and rstd.
 
@@ -210,12 +299,13 @@ def _sru_stats_merge_kernel(
     rstd_ptr: (NG,) accumulation dtype.
     M: elements per group; eps = eps_hi + eps_lo (an fp64 eps split into two fp32 halves).
     TORCH_GN: rstd = 1/sqrt(M2/M + eps), else rstd = 1/(sqrt(M2/(M-1)) + eps).
-    WRITE_WSUM: program 0 also writes sum(gamma) of w_ptr (C,) to wsum_ptr (1,), so that the
-    apply kernel need not re-sum gamma in every program. Grid (cdiv(NG, BLOCK),).
+    WRITE_WSUM: program 0 also writes sum(gamma) of w_ptr (C,) to wsum_ptr (2,) (SOFTMAX: the
+    softmax's denominator and shift, see _weight_norm), so that the apply kernel need not
+    re-sum gamma in every program. Grid (cdiv(NG, BLOCK),).
     """
     if WRITE_WSUM:
         if tl.program_id(0) == 0:
-            tl.store(wsum_ptr, _weight_sum(w_ptr, C, FP64, BLOCK_W))
+            _store_wnorm(wsum_ptr, _weight_norm(w_ptr, C, SOFTMAX, FP64, BLOCK_W), SOFTMAX)
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = rows < NG
     zero = _acc(tl.zeros([BLOCK], tl.float32), FP64)
@@ -254,7 +344,8 @@ def _sru_apply_kernel(
     sx_n, sx_c, sx_h, sx_w,
     so_n, so_c, so_h, so_w,
     tau_hi, tau_lo, N_CB, N_PB,
-    HARD: tl.constexpr, FLAT: tl.constexpr, FP64: tl.constexpr, HAS_WSUM: tl.constexpr,
+    MASK: tl.constexpr, ON: tl.constexpr, SOFTMAX: tl.constexpr,
+    FLAT: tl.constexpr, FP64: tl.constexpr, HAS_WSUM: tl.constexpr,
     BC: tl.constexpr, BP: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """Fused SRU forward for channel pairs (c, c + HALF), c in a block of BC, and BP pixels.
@@ -262,29 +353,26 @@ def _sru_apply_kernel(
     x_ptr/out_ptr: (N, C, H, W) input and output, strides sx_*/so_* (out may differ from x).
     mean_ptr, rstd_ptr: (N, G) stats (mean fp64, rstd accumulation dtype);
     w_ptr, b_ptr: (C,) gamma, beta (contiguous).
-    wsum_ptr: (1,) sum(gamma), read when HAS_WSUM (else summed in every program).
+    wsum_ptr: (2,) w's (denom, shift) (_weight_norm), read when HAS_WSUM (else computed in every program).
+    MASK, ON, SOFTMAX: the SRU's switches (module docstring).
     tau = tau_hi + tau_lo. N_CB = cdiv(HALF, BC), N_PB = cdiv(HW, BP); grid (N * N_CB * N_PB,).
     Reads x once (both halves of each pair in one program), writes s once.
     """
     n, n64, c, cp, mc, m, p64 = _pair_tile(tl.program_id(0), HALF, HW, N_CB, N_PB, BC, BP)
-    wsum = _get_wsum(w_ptr, wsum_ptr, C, HAS_WSUM, FP64, BLOCK_W)
+    wn = _get_wnorm(w_ptr, wsum_ptr, C, HAS_WSUM, SOFTMAX, FP64, BLOCK_W)
     tau = _acc(tau_hi, FP64) + _acc(tau_lo, FP64)
 
     xo = _pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
     xa = _acc(tl.load(x_ptr + xo + c.to(tl.int64)[:, None] * sx_c, mask=m, other=0.0), FP64)
     xb = _acc(tl.load(x_ptr + xo + cp.to(tl.int64)[:, None] * sx_c, mask=m, other=0.0), FP64)
-    mu, rs, gam, bet, wg = _channel_params(n, c, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum, FP64)
-    _, ra = _reweight(xa, mu, rs, gam, bet, wg)
-    mu, rs, gam, bet, wg = _channel_params(n, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum, FP64)
-    _, rb = _reweight(xb, mu, rs, gam, bet, wg)
-    if HARD:
-        w1a = tl.where(ra > tau, 1.0, 0.0)
-        w1b = tl.where(rb > tau, 1.0, 0.0)
-        oa = w1a * xa + (1.0 - w1b) * xb
-        ob = w1b * xb + (1.0 - w1a) * xa
-    else:
-        oa = tl.where(ra > tau, 1.0, ra) * xa + tl.where(rb > tau, 0.0, rb) * xb
-        ob = tl.where(rb > tau, 1.0, rb) * xb + tl.where(ra > tau, 0.0, ra) * xa
+    mu, rs, gam, bet, wg = _channel_params(n, c, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, SOFTMAX, FP64)
+    xha, ra = _reweight(xa, mu, rs, gam, bet, wg)
+    a1, a2 = _gate(xa, xha, ra, gam, bet, wg, tau, MASK, ON)
+    mu, rs, gam, bet, wg = _channel_params(n, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, SOFTMAX, FP64)
+    xhb, rb = _reweight(xb, mu, rs, gam, bet, wg)
+    b1, b2 = _gate(xb, xhb, rb, gam, bet, wg, tau, MASK, ON)
+    oa = a1 + b2
+    ob = b1 + a2
     oo = _pix_off(p64, W, so_h, so_w, FLAT)[None, :] + n64 * so_n
     odt = out_ptr.dtype.element_ty
     tl.store(out_ptr + oo + c.to(tl.int64)[:, None] * so_c, oa.to(odt), mask=m)
@@ -301,15 +389,16 @@ def _sru_bwd_partial_kernel(
     sx_n, sx_c, sx_h, sx_w,
     sd_n, sd_c, sd_h, sd_w,
     tau_hi, tau_lo, N_CB, SPLIT, PB_PER_PROG,
-    FLAT: tl.constexpr, FP64: tl.constexpr,
+    MASK: tl.constexpr, ON: tl.constexpr, SOFTMAX: tl.constexpr, FLAT: tl.constexpr, FP64: tl.constexpr,
     BC: tl.constexpr, BP: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """Soft-gate backward, pass 1: per (sample, channel, split) P = sum dz and Q = sum dz * xhat.
+    """Backward pass 1 (every mode with a gradient into the GroupNorm): per (sample, channel,
+    split) P = sum dz and Q = sum dz * xhat.
 
     x_ptr, ds_ptr: input and output gradient (N, C, H, W), strides sx_*, sd_*.
     p_ptr, q_ptr: (N * SPLIT, C) accumulation-dtype buffers, row n * SPLIT + split.
     Program (n, channel-pair block, split) covers PB_PER_PROG pixel blocks of BP.
-    dz = [r <= tau] * x * (ds_c + ds_partner) * r * (1 - r). Grid (N * N_CB * SPLIT,).
+    dz as in the module docstring (_grad_z). Grid (N * N_CB * SPLIT,).
     """
     pid = tl.program_id(0)
     s = pid % SPLIT
@@ -322,10 +411,10 @@ def _sru_bwd_partial_kernel(
     n64 = n.to(tl.int64)
     c64 = c.to(tl.int64)[:, None]
     cp64 = cp.to(tl.int64)[:, None]
-    wsum = _weight_sum(w_ptr, C, FP64, BLOCK_W)
+    wn = _weight_norm(w_ptr, C, SOFTMAX, FP64, BLOCK_W)
     tau = _acc(tau_hi, FP64) + _acc(tau_lo, FP64)
-    mua, rsa, gama, beta_, wga = _channel_params(n, c, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum, FP64)
-    mub, rsb, gamb, betb, wgb = _channel_params(n, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum, FP64)
+    mua, rsa, gama, beta_, wga = _channel_params(n, c, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, SOFTMAX, FP64)
+    mub, rsb, gamb, betb, wgb = _channel_params(n, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, SOFTMAX, FP64)
     zero = _acc(tl.zeros([BC, BP], tl.float32), FP64)
     pa = zero
     qa = zero
@@ -341,13 +430,12 @@ def _sru_bwd_partial_kernel(
         do = _pix_off(p64, W, sd_h, sd_w, FLAT)[None, :] + n64 * sd_n
         xa = _acc(tl.load(x_ptr + xo + c64 * sx_c, mask=m, other=0.0), FP64)
         xb = _acc(tl.load(x_ptr + xo + cp64 * sx_c, mask=m, other=0.0), FP64)
-        dsum = _acc(tl.load(ds_ptr + do + c64 * sd_c, mask=m, other=0.0), FP64) + _acc(
-            tl.load(ds_ptr + do + cp64 * sd_c, mask=m, other=0.0), FP64
-        )
+        dsa = _acc(tl.load(ds_ptr + do + c64 * sd_c, mask=m, other=0.0), FP64)
+        dsb = _acc(tl.load(ds_ptr + do + cp64 * sd_c, mask=m, other=0.0), FP64)
         xha, ra = _reweight(xa, mua, rsa, gama, beta_, wga)
         xhb, rb = _reweight(xb, mub, rsb, gamb, betb, wgb)
-        dza = tl.where(ra <= tau, xa * dsum * ra * (1.0 - ra), 0.0)
-        dzb = tl.where(rb <= tau, xb * dsum * rb * (1.0 - rb), 0.0)
+        dza = _grad_z(xa, ra, wga, dsa, dsb, tau, MASK, ON)
+        dzb = _grad_z(xb, rb, wgb, dsb, dsa, tau, MASK, ON)
         pa += dza
         qa += dza * xha
         pbv += dzb
@@ -363,24 +451,27 @@ def _sru_bwd_partial_kernel(
 def _sru_bwd_reduce_kernel(
     p_ptr, q_ptr, w_ptr, b_ptr, a_ptr, bsum_ptr, dbias_ptr, xg_ptr, t_ptr, wsum_ptr,
     N, C, G, CG, SPLIT,
-    FP64: tl.constexpr, BG: tl.constexpr, BJ: tl.constexpr,
+    ON: tl.constexpr, SOFTMAX: tl.constexpr, FP64: tl.constexpr, BG: tl.constexpr, BJ: tl.constexpr,
     BR: tl.constexpr, BCR: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """Backward pass 2 (tiny): deterministic reductions of the P, Q partials.
 
     p_ptr, q_ptr: (N * SPLIT, C). w_ptr, b_ptr: (C,) gamma, beta.
     Programs 0..N-1 (one per sample n) write, per group g, into a_ptr / bsum_ptr (N, G):
-        A = sum_{c in g, split} gamma_c w_c Q,   B = sum_{c in g, split} gamma_c w_c P.
+        A = sum_{c in g, split} gamma_c k_c Q,   B = sum_{c in g, split} gamma_c k_c P.
     Programs N.. (one per block of BCR channels; only launched when parameter gradients
     are needed) write d beta (dbias_ptr, (C,), weight dtype), the partial d gamma
-    X_c = w_c sum Q + dw_c / S into xg_ptr (C,), and sum_{c in block} dw_c gamma_c into
-    t_ptr[block], with dw_c = gamma_c sum Q + beta_c sum P. Fixed summation order.
-    Program 0 also writes sum(gamma) to wsum_ptr (1,) for the dx kernel.
+    X_c = k_c sum Q + dw_c / S (SOFTMAX: + w_c dw_c) into xg_ptr (C,), and
+    sum_{c in block} dw_c gamma_c (SOFTMAX: dw_c w_c) into t_ptr[block], with
+    dw_c = gamma_c sum Q + beta_c sum P (0 when ON is gn). Fixed summation order.
+    k_c = w_c, or 1 when ON is gn (dz is then the gradient into g itself).
+    Program 0 also writes w's (denom, shift) to wsum_ptr (2,) for the dx kernel.
     """
     pid = tl.program_id(0)
-    wsum = _weight_sum(w_ptr, C, FP64, BLOCK_W)
+    wn = _weight_norm(w_ptr, C, SOFTMAX, FP64, BLOCK_W)
+    wsum = wn[0]
     if pid == 0:
-        tl.store(wsum_ptr, wsum)
+        _store_wnorm(wsum_ptr, wn, SOFTMAX)
     if pid < N:
         rows0 = pid.to(tl.int64) * SPLIT
         for g0 in range(0, G, BG):
@@ -392,7 +483,12 @@ def _sru_bwd_reduce_kernel(
                 m = (g < G)[:, None] & (j < CG)[None, :]
                 c = g[:, None] * CG + j[None, :]
                 gam = _acc(tl.load(w_ptr + c, mask=m, other=0.0), FP64)
-                coef = gam * gam / wsum
+                if ON == 1:
+                    coef = gam
+                elif SOFTMAX:
+                    coef = gam * _wfac(gam, wn, SOFTMAX)
+                else:
+                    coef = gam * gam / wsum
                 for s in range(0, SPLIT):
                     row = (rows0 + s) * C
                     acc_a += _acc(tl.load(q_ptr + row + c, mask=m, other=0.0), FP64) * coef
@@ -416,32 +512,45 @@ def _sru_bwd_reduce_kernel(
         sq = tl.sum(acc_q, axis=0)
         gam = _acc(tl.load(w_ptr + c, mask=mc, other=0.0), FP64)
         bet = _acc(tl.load(b_ptr + c, mask=mc, other=0.0), FP64)
-        wg = gam / wsum
-        dw = gam * sq + bet * sp
-        tl.store(dbias_ptr + c, (wg * sp).to(dbias_ptr.dtype.element_ty), mask=mc)
-        tl.store(xg_ptr + c, wg * sq + dw / wsum, mask=mc)
-        tl.store(t_ptr + cb, tl.sum(tl.where(mc, dw * gam, 0.0), axis=0))
+        wg = _wfac(gam, wn, SOFTMAX)
+        if ON == 1:
+            tl.store(dbias_ptr + c, sp.to(dbias_ptr.dtype.element_ty), mask=mc)
+            tl.store(xg_ptr + c, sq, mask=mc)
+            tl.store(t_ptr + cb, tl.sum(tl.zeros_like(sq), axis=0))
+        else:
+            dw = gam * sq + bet * sp
+            tl.store(dbias_ptr + c, (wg * sp).to(dbias_ptr.dtype.element_ty), mask=mc)
+            if SOFTMAX:
+                tl.store(xg_ptr + c, wg * sq + wg * dw, mask=mc)
+                tl.store(t_ptr + cb, tl.sum(tl.where(mc, dw * wg, 0.0), axis=0))
+            else:
+                tl.store(xg_ptr + c, wg * sq + dw / wsum, mask=mc)
+                tl.store(t_ptr + cb, tl.sum(tl.where(mc, dw * gam, 0.0), axis=0))
 
 
 @triton.jit
 def _sru_bwd_finalize_kernel(
     xg_ptr, t_ptr, w_ptr, dw_ptr, C, NT,
-    FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+    SOFTMAX: tl.constexpr, FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """d gamma_c = X_c - (sum_b t_b) / S^2, one program over the C channels.
+    """d gamma_c = X_c - (sum_b t_b) / S^2 (SOFTMAX: X_c - w_c sum_b t_b), one program over the C channels.
 
     xg_ptr: (C,) partial d gamma; t_ptr: (NT,) block sums of dw_j gamma_j; w_ptr: gamma;
     dw_ptr: (C,) output in the weight's dtype. Grid (1,).
     """
     offs = tl.arange(0, BLOCK_T)
     t = tl.sum(_acc(tl.load(t_ptr + offs, mask=offs < NT, other=0.0), FP64), axis=0)
-    wsum = _weight_sum(w_ptr, C, FP64, BLOCK_W)
-    corr = t / (wsum * wsum)
+    wn = _weight_norm(w_ptr, C, SOFTMAX, FP64, BLOCK_W)
+    corr = t / (wn[0] * wn[0])
     cw = tl.arange(0, BLOCK_W)
     for c0 in range(0, C, BLOCK_W):
         c = c0 + cw
         mc = c < C
-        v = _acc(tl.load(xg_ptr + c, mask=mc, other=0.0), FP64) - corr
+        if SOFTMAX:
+            v = _acc(tl.load(xg_ptr + c, mask=mc, other=0.0), FP64) - t * _wfac(
+                _acc(tl.load(w_ptr + c, mask=mc, other=0.0), FP64), wn, SOFTMAX)
+        else:
+            v = _acc(tl.load(xg_ptr + c, mask=mc, other=0.0), FP64) - corr
         tl.store(dw_ptr + c, v.to(dw_ptr.dtype.element_ty), mask=mc)
 
 
@@ -453,22 +562,23 @@ def _sru_bwd_dx_kernel(
     sd_n, sd_c, sd_h, sd_w,
     sg_n, sg_c, sg_h, sg_w,
     tau_hi, tau_lo, N_CB, N_PB,
-    HARD: tl.constexpr, TORCH_GN: tl.constexpr, FLAT: tl.constexpr, FP64: tl.constexpr,
+    MASK: tl.constexpr, ON: tl.constexpr, SOFTMAX: tl.constexpr,
+    TORCH_GN: tl.constexpr, FLAT: tl.constexpr, FP64: tl.constexpr,
     HAS_WSUM: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """dx for channel pairs (c, c + HALF) and BP pixels, recomputed from x and the stats.
 
     x_ptr, ds_ptr, dx_ptr: (N, C, H, W) with strides sx_*, sd_*, sg_*.
-    a_ptr, bsum_ptr: (N, G) A and B from _sru_bwd_reduce_kernel (unused when HARD).
+    a_ptr, bsum_ptr: (N, G) A and B from _sru_bwd_reduce_kernel (unused for binary masks on x).
     M: group size; eps = eps_hi + eps_lo (GroupBatchnorm2d needs std = 1/rstd - eps).
-    wsum_ptr: (1,) sum(gamma) from the reduce kernel, read when HAS_WSUM.
-    HARD: dx = W1 ds_c + W2 ds_partner only (no gradient through the masks).
-    Grid (N * N_CB * N_PB,).
+    wsum_ptr: (2,) w's (denom, shift) from the reduce kernel, read when HAS_WSUM.
+    Binary masks on x (MASK > 0, ON x): dx = M1 ds_c + M2 ds_partner only (no gradient
+    through the masks). Grid (N * N_CB * N_PB,).
     """
     n, n64, c, cp, mc, m, p64 = _pair_tile(tl.program_id(0), HALF, HW, N_CB, N_PB, BC, BP)
     c64 = c.to(tl.int64)[:, None]
     cp64 = cp.to(tl.int64)[:, None]
-    wsum = _get_wsum(w_ptr, wsum_ptr, C, HAS_WSUM, FP64, BLOCK_W)
+    wn = _get_wnorm(w_ptr, wsum_ptr, C, HAS_WSUM, SOFTMAX, FP64, BLOCK_W)
     tau = _acc(tau_hi, FP64) + _acc(tau_lo, FP64)
 
     xo = _pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
@@ -477,21 +587,36 @@ def _sru_bwd_dx_kernel(
     xb = _acc(tl.load(x_ptr + xo + cp64 * sx_c, mask=m, other=0.0), FP64)
     dsa = _acc(tl.load(ds_ptr + do + c64 * sd_c, mask=m, other=0.0), FP64)
     dsb = _acc(tl.load(ds_ptr + do + cp64 * sd_c, mask=m, other=0.0), FP64)
-    mua, rsa, gama, beta_, wga = _channel_params(n, c, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum, FP64)
-    mub, rsb, gamb, betb, wgb = _channel_params(n, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum, FP64)
+    mua, rsa, gama, beta_, wga = _channel_params(n, c, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, SOFTMAX, FP64)
+    mub, rsb, gamb, betb, wgb = _channel_params(n, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, SOFTMAX, FP64)
     xha, ra = _reweight(xa, mua, rsa, gama, beta_, wga)
     xhb, rb = _reweight(xb, mub, rsb, gamb, betb, wgb)
-    if HARD:
-        w1a = tl.where(ra > tau, 1.0, 0.0)
-        w1b = tl.where(rb > tau, 1.0, 0.0)
+    if MASK != 0 and ON == 0:
+        w1a = _mask1(ra, wga, tau, MASK)
+        w1b = _mask1(rb, wgb, tau, MASK)
         dxa = w1a * dsa + (1.0 - w1a) * dsb
         dxb = w1b * dsb + (1.0 - w1b) * dsa
     else:
-        dsum = dsa + dsb
-        dxa = tl.where(ra > tau, dsa, ra * dsum)
-        dxb = tl.where(rb > tau, dsb, rb * dsum)
-        dza = tl.where(ra <= tau, xa * dsum * ra * (1.0 - ra), 0.0)
-        dzb = tl.where(rb <= tau, xb * dsum * rb * (1.0 - rb), 0.0)
+        if MASK == 0:
+            dsum = dsa + dsb
+            dxa = tl.where(ra > tau, dsa, ra * dsum)
+            dxb = tl.where(rb > tau, dsb, rb * dsum)
+            ka_ = wga
+            kb_ = wgb
+        elif ON == 1:  # masks on gn(x): everything flows through the GroupNorm
+            dxa = tl.zeros_like(xa)
+            dxb = tl.zeros_like(xb)
+            ka_ = tl.zeros_like(wga) + 1.0
+            kb_ = ka_
+        else:  # masks on r * x: the direct part is r * (M1 ds_c + M2 ds_partner)
+            w1a = _mask1(ra, wga, tau, MASK)
+            w1b = _mask1(rb, wgb, tau, MASK)
+            dxa = ra * (w1a * dsa + (1.0 - w1a) * dsb)
+            dxb = rb * (w1b * dsb + (1.0 - w1b) * dsa)
+            ka_ = wga
+            kb_ = wgb
+        dza = _grad_z(xa, ra, wga, dsa, dsb, tau, MASK, ON)
+        dzb = _grad_z(xb, rb, wgb, dsb, dsa, tau, MASK, ON)
         mf = _acc(M, FP64)
         eps = _acc(eps_hi, FP64) + _acc(eps_lo, FP64)
         ga = n * G + c // CG
@@ -509,8 +634,8 @@ def _sru_bwd_dx_kernel(
             stb = 1.0 / tl.where(mc, rsb, 1.0) - eps
             ka = tl.where(sta > 0, 1.0 / ((mf - 1.0) * tl.where(sta > 0, sta, 1.0)), 0.0)
             kb = tl.where(stb > 0, 1.0 / ((mf - 1.0) * tl.where(stb > 0, stb, 1.0)), 0.0)
-        dxa += rsa[:, None] * (dza * (wga * gama)[:, None] - (ba / mf)[:, None]) - (ka * aa)[:, None] * xha
-        dxb += rsb[:, None] * (dzb * (wgb * gamb)[:, None] - (bb / mf)[:, None]) - (kb * ab)[:, None] * xhb
+        dxa += rsa[:, None] * (dza * (ka_ * gama)[:, None] - (ba / mf)[:, None]) - (ka * aa)[:, None] * xha
+        dxb += rsb[:, None] * (dzb * (kb_ * gamb)[:, None] - (bb / mf)[:, None]) - (kb * ab)[:, None] * xhb
     go = _pix_off(p64, W, sg_h, sg_w, FLAT)[None, :] + n64 * sg_n
     gdt = dx_ptr.dtype.element_ty
     tl.store(dx_ptr + go + c64 * sg_c, dxa.to(gdt), mask=m)
@@ -610,16 +735,25 @@ def _vec(t: torch.Tensor, c: int, name: str) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def _switches(mode) -> dict:
+    """The kernels' constexprs of an SRU mode (``scconv_triton._config.SRUMath.code``; a bool
+    ``hard`` is mode 0 or 1)."""
+    m = SRUMath.from_code(mode)
+    return dict(MASK=MASKS.index(m.mask), ON=OPERANDS.index(m.operand), SOFTMAX=m.weighting == "softmax")
+
+
 def sru_stats(x: torch.Tensor, group_num: int, eps: float, torch_gn: bool, *,
-              weight: torch.Tensor | None = None, split: int | None = None, tile: int | None = None):
+              weight: torch.Tensor | None = None, split: int | None = None, tile: int | None = None,
+              mode: int = 0):
     """Per (sample, group) mean and rstd of x (N, C, H, W), numerically robust (Chan merging).
 
     Returns (mean, rstd), each (N, group_num): mean in fp64 for every input dtype (an fp32 mean
     would round by up to ulp(mean)/2, a large error when the spread is tiny next to the mean;
     the kernels use it as an fp32 hi/lo pair), rstd fp32 (fp64 for fp64 x). rstd = 1/sqrt(var + eps)
     with the biased variance when ``torch_gn``, else 1/(std + eps) with the unbiased std.
-    With ``weight`` (gamma, C elements) it returns (mean, rstd, wsum): wsum = sum(weight), a
-    (1,) tensor written by the merge kernel for ``sru_apply(..., wsum=wsum)`` (no extra launch).
+    With ``weight`` (gamma, C elements) it returns (mean, rstd, wsum): wsum = sum(weight) (for a
+    softmax-weighting ``mode``: its denominator and shift), a (2,) tensor written by the merge
+    kernel for ``sru_apply(..., wsum=wsum)`` (no extra launch).
     ``split`` (programs per group) and ``tile`` (elements per tile) override the defaults.
     Launches 2 kernels.
     """
@@ -635,10 +769,15 @@ def sru_stats(x: torch.Tensor, group_num: int, eps: float, torch_gn: bool, *,
     wsum = None
     if weight is not None:
         weight = _vec(weight, C, "weight")
-        wsum = torch.empty((1,), device=x.device, dtype=acc)
+        wsum = torch.empty((2,), device=x.device, dtype=acc)
+    softmax = _switches(mode)["SOFTMAX"]
     if N == 0:
         if wsum is not None:
-            wsum.copy_(weight.sum())
+            if softmax:
+                wsum[1] = weight.max()
+                wsum[0] = (weight - wsum[1]).exp().sum()
+            else:
+                wsum[0] = weight.sum()
             return mean, rstd, wsum
         return mean, rstd
     bj, bp, warps = _blocks(x, CG, HW, tile or 2 * _default_tile(x))
@@ -659,7 +798,7 @@ def sru_stats(x: torch.Tensor, group_num: int, eps: float, torch_gn: bool, *,
     _sru_stats_merge_kernel[(triton.cdiv(N * G, block),)](
         part, mean, rstd, weight if wsum is not None else part, wsum if wsum is not None else part,
         N * G, split, CG * HW, eh, el, C,
-        TORCH_GN=bool(torch_gn), FP64=fp64, BLOCK=block, WRITE_WSUM=wsum is not None,
+        TORCH_GN=bool(torch_gn), FP64=fp64, BLOCK=block, WRITE_WSUM=wsum is not None, SOFTMAX=softmax,
         BLOCK_W=_block_w(C), num_warps=_NUM_WARPS,
     )
     return (mean, rstd) if wsum is None else (mean, rstd, wsum)
@@ -670,13 +809,14 @@ def _block_w(c: int) -> int:
 
 
 def sru_apply(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
-              bias: torch.Tensor, tau: float, hard: bool, *, wsum: torch.Tensor | None = None,
+              bias: torch.Tensor, tau: float, mode: int, *, wsum: torch.Tensor | None = None,
               tile: int | None = None) -> torch.Tensor:
     """Fused SRU forward: s = cross-reconstruction of the gated x. One launch.
 
+    ``mode``: the SRU's switches (``SRUMath.code``; False / True: the soft / hard gate).
     x: (N, C, H, W) any strides; mean (fp64), rstd: (N, G) from :func:`sru_stats`; weight, bias:
     gamma and beta with C elements; w_gamma = weight / sum(weight), with sum(weight) read from
-    ``wsum`` ((1,) tensor, e.g. from ``sru_stats(..., weight=)``) or else summed in-kernel.
+    ``wsum`` ((2,) tensor from ``sru_stats(..., weight=, mode=)``) or else summed in-kernel.
     Returns s = torch.empty_like(x) (same memory format, dtype of x).
     """
     _check_x(x, "sru_apply")
@@ -695,22 +835,24 @@ def sru_apply(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: t
     _sru_apply_kernel[(N * n_cb * n_pb,)](
         x, out, mean, rstd, weight, bias, wsum if wsum is not None else mean,
         C, half, W, HW, G, C // G, *sx, *so, th, tlo, n_cb, n_pb,
-        HARD=bool(hard), FLAT=flat, FP64=x.dtype == torch.float64, HAS_WSUM=wsum is not None,
+        **_switches(mode), FLAT=flat, FP64=x.dtype == torch.float64, HAS_WSUM=wsum is not None,
         BC=bc, BP=bp, BLOCK_W=_block_w(C), num_warps=warps,
     )
     return out
 
 
 def sru_backward(ds: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                 weight: torch.Tensor, bias: torch.Tensor, tau: float, hard: bool, torch_gn: bool,
+                 weight: torch.Tensor, bias: torch.Tensor, tau: float, mode: int, torch_gn: bool,
                  eps: float, needs_input_grad_params: bool, needs_input_grad_x: bool = True, *,
                  split: int | None = None, tile: int | None = None):
     """SRU backward from x and the saved stats: returns (dx, dweight, dbias).
 
+    ``mode``: the SRU's switches (``SRUMath.code``; False / True: the soft / hard gate).
     dx like x (same memory format) or None when not needed; dweight, dbias: (C,) in
-    weight's dtype, None when ``hard`` (no gradient through the masks) or not needed.
-    Soft gate: partial kernel (reads x, ds), reduce kernel (tiny), finalize (C-sized, only
-    for parameter gradients), dx kernel (reads x, ds, writes dx). Hard gate: the dx kernel only.
+    weight's dtype, None when binary masks on x (no gradient through the masks) or not needed.
+    With a gradient into the GroupNorm: partial kernel (reads x, ds), reduce kernel (tiny),
+    finalize (C-sized, only for parameter gradients), dx kernel (reads x, ds, writes dx).
+    Binary masks on x: the dx kernel only.
     Per-channel sums over the batch use per-(n, split) partials then one fixed-order reduction.
     """
     _check_x(x, "sru_backward")
@@ -723,7 +865,9 @@ def sru_backward(ds: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: to
     bias = _vec(bias, C, "bias")
     acc = _acc_dtype(x)
     fp64 = acc == torch.float64
-    want_params = bool(needs_input_grad_params) and not hard
+    sw = _switches(mode)
+    gn_grad = SRUMath.from_code(mode).param_grad  # a gradient reaches the GroupNorm
+    want_params = bool(needs_input_grad_params) and gn_grad
     dx = torch.empty_like(x) if needs_input_grad_x else None
     dweight = torch.empty(C, device=x.device, dtype=weight.dtype) if want_params else None
     dbias = torch.empty(C, device=x.device, dtype=weight.dtype) if want_params else None
@@ -739,8 +883,8 @@ def sru_backward(ds: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: to
     th, tlo = _split_float(tau)
     eh, el = _split_float(eps)
     bw = _block_w(C)
-    a = bsum = wsum = mean  # placeholders, unused by the hard-gate dx kernel
-    if not hard and (needs_input_grad_x or want_params):
+    a = bsum = wsum = mean  # placeholders, unused by the dx kernel of binary masks on x
+    if gn_grad and (needs_input_grad_x or want_params):
         if split is None:
             split = max(1, _target_programs(x) // (N * n_cb))
         split = max(1, min(int(split), n_pb))
@@ -752,10 +896,10 @@ def sru_backward(ds: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: to
         _sru_bwd_partial_kernel[(N * n_cb * split,)](
             x, ds, p, q, mean, rstd, weight, bias,
             C, half, W, HW, G, CG, *sx, *sd, th, tlo, n_cb, split, per,
-            FLAT=flat, FP64=fp64, BC=bc, BP=bp, BLOCK_W=bw, num_warps=warps,
+            **sw, FLAT=flat, FP64=fp64, BC=bc, BP=bp, BLOCK_W=bw, num_warps=warps,
         )
         a = torch.empty((N, G), device=x.device, dtype=acc)
-        wsum = torch.empty((1,), device=x.device, dtype=acc)
+        wsum = torch.empty((2,), device=x.device, dtype=acc)
         bsum = torch.empty((N, G), device=x.device, dtype=acc)
         bcr = min(_np2(C), 128)
         n_crb = triton.cdiv(C, bcr) if want_params else 0
@@ -766,20 +910,20 @@ def sru_backward(ds: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: to
         _sru_bwd_reduce_kernel[(N + n_crb,)](
             p, q, weight, bias, a, bsum, dbias if want_params else a, xg, t, wsum,
             N, C, G, CG, split,
-            FP64=fp64, BG=bg, BJ=bj, BR=min(_np2(N * split), 8), BCR=bcr, BLOCK_W=bw,
+            ON=sw["ON"], SOFTMAX=sw["SOFTMAX"], FP64=fp64, BG=bg, BJ=bj, BR=min(_np2(N * split), 8), BCR=bcr, BLOCK_W=bw,
             num_warps=_NUM_WARPS,
         )
         if want_params:
             _sru_bwd_finalize_kernel[(1,)](
                 xg, t, weight, dweight, C, n_crb,
-                FP64=fp64, BLOCK_T=_np2(n_crb), BLOCK_W=bw, num_warps=_NUM_WARPS,
+                SOFTMAX=sw["SOFTMAX"], FP64=fp64, BLOCK_T=_np2(n_crb), BLOCK_W=bw, num_warps=_NUM_WARPS,
             )
     if needs_input_grad_x:
         (sx, sd, sg), flat = _layout([x, ds, dx])
         _sru_bwd_dx_kernel[(N * n_cb * n_pb,)](
             x, ds, dx, mean, rstd, weight, bias, a, bsum, wsum,
             C, half, W, HW, G, CG, CG * HW, eh, el, *sx, *sd, *sg, th, tlo, n_cb, n_pb,
-            HARD=bool(hard), TORCH_GN=bool(torch_gn), FLAT=flat, FP64=fp64, HAS_WSUM=not hard,
+            **sw, TORCH_GN=bool(torch_gn), FLAT=flat, FP64=fp64, HAS_WSUM=gn_grad,
             BC=bc, BP=bp, BLOCK_W=bw, num_warps=warps,
         )
     return dx, dweight, dbias
@@ -792,9 +936,15 @@ def aot_specs():
     """Specialisations the launchers use at N=2, C=64 (16 groups), 56x56: fp32 NCHW and bf16
     channels_last (tiles and warps from the launchers' own choices); fp32 for the N x G and
     C-sized kernels plus a bf16-weight variant of those that read / write the weight.
-    Strides equal to 1 are constexpr, as the JIT specialises them.
+    Strides equal to 1 are constexpr, as the JIT specialises them. Every SRU mode that a
+    module can select (each upstream revision, and the 2023-10 hard gate) appears with the
+    constexprs it gives each kernel.
     """
+    from scconv_triton._config import REVISIONS
     from scconv_triton.testing import AotSpec
+
+    modes = sorted({r.math.code for r in REVISIONS.values()} | {SRUMath(mask="gt").code})
+    grad_modes = [m for m in modes if SRUMath.from_code(m).param_grad]  # with a GroupNorm backward
 
     N, C, G, H, W = 2, 64, 16, 56, 56
     CG, HW = C // G, H * W
@@ -828,63 +978,69 @@ def aot_specs():
         ))
         common = {"C": "i32", "HALF": "i32", "W": "i32", "HW": "i32", "G": "i32", "CG": "i32"}
         sig, const = strides("sx", "so")
-        specs.append(AotSpec(
+        specs.extend(AotSpec(
             _sru_apply_kernel,
             {"x_ptr": xt, "out_ptr": xt, "mean_ptr": "*fp64", "rstd_ptr": "*fp32", "w_ptr": xt, "b_ptr": xt,
              "wsum_ptr": "*fp32", **common, **sig,
              "tau_hi": "fp32", "tau_lo": "fp32", "N_CB": "i32", "N_PB": "i32",
-             "HARD": "constexpr", "FLAT": "constexpr", "FP64": "constexpr", "HAS_WSUM": "constexpr",
+             "MASK": "constexpr", "ON": "constexpr", "SOFTMAX": "constexpr",
+             "FLAT": "constexpr", "FP64": "constexpr", "HAS_WSUM": "constexpr",
              "BC": "constexpr", "BP": "constexpr", "BLOCK_W": "constexpr"},
-            {**const, "HARD": False, "FLAT": True, "FP64": False, "HAS_WSUM": True, "BC": bc, "BP": bp,
+            {**const, **_switches(mode), "FLAT": True, "FP64": False, "HAS_WSUM": True, "BC": bc, "BP": bp,
              "BLOCK_W": bw}, num_warps=wa,
-        ))
+        ) for mode in modes)
         sig, const = strides("sx", "sd")
-        specs.append(AotSpec(
+        specs.extend(AotSpec(
             _sru_bwd_partial_kernel,
             {"x_ptr": xt, "ds_ptr": xt, "p_ptr": "*fp32", "q_ptr": "*fp32", "mean_ptr": "*fp64",
              "rstd_ptr": "*fp32", "w_ptr": xt, "b_ptr": xt, **common, **sig,
              "tau_hi": "fp32", "tau_lo": "fp32", "N_CB": "i32", "SPLIT": "i32", "PB_PER_PROG": "i32",
+             "MASK": "constexpr", "ON": "constexpr", "SOFTMAX": "constexpr",
              "FLAT": "constexpr", "FP64": "constexpr", "BC": "constexpr", "BP": "constexpr",
              "BLOCK_W": "constexpr"},
-            {**const, "FLAT": True, "FP64": False, "BC": bc, "BP": bp, "BLOCK_W": bw}, num_warps=wa,
-        ))
-        specs.append(AotSpec(
+            {**const, **_switches(mode), "FLAT": True, "FP64": False, "BC": bc, "BP": bp, "BLOCK_W": bw},
+            num_warps=wa,
+        ) for mode in grad_modes)
+        specs.extend(AotSpec(
             _sru_bwd_reduce_kernel,
             {"p_ptr": "*fp32", "q_ptr": "*fp32", "w_ptr": xt, "b_ptr": xt, "a_ptr": "*fp32",
              "bsum_ptr": "*fp32", "dbias_ptr": xt, "xg_ptr": "*fp32", "t_ptr": "*fp32", "wsum_ptr": "*fp32",
              "N": "i32", "C": "i32", "G": "i32", "CG": "i32", "SPLIT": "i32",
+             "ON": "constexpr", "SOFTMAX": "constexpr",
              "FP64": "constexpr", "BG": "constexpr", "BJ": "constexpr", "BR": "constexpr",
              "BCR": "constexpr", "BLOCK_W": "constexpr"},
-            {"FP64": False, "BG": min(_np2(G), max(1, 256 // min(_np2(CG), 64))), "BJ": min(_np2(CG), 64),
+            {"ON": _switches(mode)["ON"], "SOFTMAX": _switches(mode)["SOFTMAX"],
+             "FP64": False, "BG": min(_np2(G), max(1, 256 // min(_np2(CG), 64))), "BJ": min(_np2(CG), 64),
              "BR": 8, "BCR": min(_np2(C), 128), "BLOCK_W": bw},
             num_warps=_NUM_WARPS,
-        ))
-        specs.append(AotSpec(
+        ) for mode in grad_modes)
+        specs.extend(AotSpec(
             _sru_bwd_finalize_kernel,
             {"xg_ptr": "*fp32", "t_ptr": "*fp32", "w_ptr": xt, "dw_ptr": xt, "C": "i32", "NT": "i32",
-             "FP64": "constexpr", "BLOCK_T": "constexpr", "BLOCK_W": "constexpr"},
-            {"FP64": False, "BLOCK_T": 1, "BLOCK_W": bw}, num_warps=_NUM_WARPS,
-        ))
+             "SOFTMAX": "constexpr", "FP64": "constexpr", "BLOCK_T": "constexpr", "BLOCK_W": "constexpr"},
+            {"SOFTMAX": softmax, "FP64": False, "BLOCK_T": 1, "BLOCK_W": bw}, num_warps=_NUM_WARPS,
+        ) for softmax in (False, True))
         sig, const = strides("sx", "sd", "sg")
-        for hard in (False, True):
+        for mode in modes:
             specs.append(AotSpec(
                 _sru_bwd_dx_kernel,
                 {"x_ptr": xt, "ds_ptr": xt, "dx_ptr": xt, "mean_ptr": "*fp64", "rstd_ptr": "*fp32",
                  "w_ptr": xt, "b_ptr": xt, "a_ptr": "*fp32", "bsum_ptr": "*fp32", "wsum_ptr": "*fp32",
                  **common, "M": "i32", "eps_hi": "fp32", "eps_lo": "fp32", **sig,
                  "tau_hi": "fp32", "tau_lo": "fp32", "N_CB": "i32", "N_PB": "i32",
-                 "HARD": "constexpr", "TORCH_GN": "constexpr", "FLAT": "constexpr", "FP64": "constexpr",
+                 "MASK": "constexpr", "ON": "constexpr", "SOFTMAX": "constexpr",
+                 "TORCH_GN": "constexpr", "FLAT": "constexpr", "FP64": "constexpr",
                  "HAS_WSUM": "constexpr", "BC": "constexpr", "BP": "constexpr", "BLOCK_W": "constexpr"},
-                {**const, "HARD": hard, "TORCH_GN": not cl, "FLAT": True, "FP64": False, "HAS_WSUM": not hard,
-                 "BC": bc, "BP": bp, "BLOCK_W": bw}, num_warps=wa,
+                {**const, **_switches(mode), "TORCH_GN": not cl, "FLAT": True, "FP64": False,
+                 "HAS_WSUM": SRUMath.from_code(mode).param_grad, "BC": bc, "BP": bp, "BLOCK_W": bw}, num_warps=wa,
             ))
-    specs.append(AotSpec(
+    specs.extend(AotSpec(
         _sru_stats_merge_kernel,
         {"part_ptr": "*fp32", "mean_ptr": "*fp64", "rstd_ptr": "*fp32", "w_ptr": "*fp32", "wsum_ptr": "*fp32",
          "NG": "i32", "SPLIT": "i32", "M": "i32", "eps_hi": "fp32", "eps_lo": "fp32", "C": "i32",
          "TORCH_GN": "constexpr", "FP64": "constexpr", "BLOCK": "constexpr", "WRITE_WSUM": "constexpr",
-         "BLOCK_W": "constexpr"},
-        {"TORCH_GN": True, "FP64": False, "BLOCK": min(_np2(N * G), 256), "WRITE_WSUM": True,
-         "BLOCK_W": _block_w(C)}, num_warps=_NUM_WARPS,
-    ))
+         "SOFTMAX": "constexpr", "BLOCK_W": "constexpr"},
+        {"TORCH_GN": softmax is False, "FP64": False, "BLOCK": min(_np2(N * G), 256), "WRITE_WSUM": True,
+         "SOFTMAX": softmax, "BLOCK_W": _block_w(C)}, num_warps=_NUM_WARPS,
+    ) for softmax in (False, True))
     return specs

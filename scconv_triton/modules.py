@@ -81,11 +81,11 @@ class SRU(_Fused, ref.SRU):
             return super().forward(x)
         from .ops.sru import sru
 
-        x, w, b = fused_inputs(x, self.gn.weight, self.gn.bias)
+        x, w, b = fused_inputs(x, *self.affine())
         with _no_autocast(x):
             return sru(
                 x, w, b, group_num=self.group_num, eps=self.gn.eps, torch_gn=self.torch_gn,
-                gate_treshold=self.gate_treshold, gate=self.gate,
+                gate_treshold=self.gate_treshold, mode=self.math.code,
             )
 
 
@@ -131,13 +131,13 @@ class SCConv(_Fused, ref.SCConv):
 
         sru, cru = self.SRU, self.CRU
         x, *weights = fused_inputs(
-            x, sru.gn.weight, sru.gn.bias, cru.squeeze1.weight, cru.squeeze2.weight, cru.GWC.weight,
+            x, *sru.affine(), cru.squeeze1.weight, cru.squeeze2.weight, cru.GWC.weight,
             cru.GWC.bias, cru.PWC1.weight, cru.PWC2.weight,
         )
         with _no_autocast(x):
             return scconv(
                 x, *weights, group_num=sru.group_num, eps=sru.gn.eps, torch_gn=sru.torch_gn,
-                gate_treshold=sru.gate_treshold, gate=sru.gate, shape=cru.shape, softmax=cru.softmax,
+                gate_treshold=sru.gate_treshold, mode=sru.math.code, shape=cru.shape, softmax=cru.softmax,
                 recompute=self.recompute,
             )
 

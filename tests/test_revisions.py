@@ -392,3 +392,41 @@ def test_from_upstream_shared_module_and_own_modules():
     assert rep.model[0] is rep.model[1] and rep.model[2] is not mine
     top = from_upstream(blk, fused=False)  # the model is itself one upstream ScConv
     assert isinstance(top.model, ref.SCConv) and top.replaced[0].name == "(model)"
+
+
+# ---------------------------------------------------------------------------
+# the fused path, every revision, against the reference and the table (1e-10, float64)
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("rev", REVS)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=ids)
+def test_fused_matches_reference_every_gradient(rev, cfg, device):
+    c, cout, g, tau, s, h, w, cl = cfg
+    loop = make_loop(c, rev, group_num=g, tau=tau, cout=cout, stride=s)
+    want_ref = ours_like(loop, rev).to(device)
+    fused = ours_like(loop, rev, cls=scconv_triton.SCConv, backend="triton").to(device)
+    x = _input(c, h, w, cl, device)
+    both_branches(want_ref.SRU, x)
+    got = grads(fused, x)
+    assert_all_close(got, grads(want_ref, x), 1e-10, f"{rev} fused vs reference")
+    assert_all_close(got, grads(loop.to(device), x), 1e-10, f"{rev} fused vs table")
+
+
+@pytest.mark.parametrize("rev", REVS)
+def test_fused_sru_module_every_gradient(rev, device):
+    loop = make_loop(16, rev, group_num=4, tau=0.45)
+    sru = scconv_triton.SRU(16, 4, 0.45, revision=rev, backend="triton").double().to(device)
+    sru.load_state_dict(loop.SRU.state_dict())
+    x = _input(16, 5, 6, True, device)
+    both_branches(sru, x)
+    assert_all_close(grads(sru, x), grads(loop.SRU.to(device), x), 1e-10, rev)
+
+
+def test_from_upstream_fused_default(device):
+    net = Net(make_loop(16, "2023-09", group_num=4), make_loop(16, "2023-07-27", cout=8, stride=2)).to(device)
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64, device=device)
+    want = net(x)
+    rep = from_upstream(net, backend="triton", recompute=True)
+    assert all(type(m) is scconv_triton.SCConv and m.recompute for m in rep.model.body)
+    assert [r.revision for r in rep.replaced] == ["2023-09", "2023-07-27"]
+    assert next(rep.model.body[0].parameters()).device.type == torch.device(device).type
+    assert rel(rep.model(x), want) < 1e-10

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from .._config import SRUMath
 from ..kernels import sru as _ksru
 from .cru import cru_backward_core, cru_forward_core
-from .sru import sru_backward_op, sru_forward_op
+from .sru import gate_mode, sru_backward_op, sru_forward_op
 
 __all__ = ["SCConvFunction", "scconv"]
 
@@ -19,13 +20,13 @@ __all__ = ["SCConvFunction", "scconv"]
 @torch.library.custom_op("scconv_triton::sru_apply", mutates_args=())
 def _sru_apply(
     x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-    tau: float, hard: bool,
+    tau: float, mode: int,
 ) -> torch.Tensor:
-    return _ksru.sru_apply(x, mean, rstd, weight, bias, tau, hard)
+    return _ksru.sru_apply(x, mean, rstd, weight, bias, tau, mode)
 
 
 @_sru_apply.register_fake
-def _sru_apply_fake(x, mean, rstd, weight, bias, tau, hard):
+def _sru_apply_fake(x, mean, rstd, weight, bias, tau, mode):
     return torch.empty_like(x)
 
 
@@ -33,8 +34,9 @@ class SCConvFunction(torch.autograd.Function):
     """out = CRU(SRU(x)) with the SRU and CRU kernels of this package.
 
     forward(ctx, x, gn_weight, gn_bias, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2,
-            group_num, eps, torch_gn, tau, hard, shape, softmax, recompute)
-    gn_weight and gn_bias are the GroupNorm affine parameters flattened to (C,).
+            group_num, eps, torch_gn, tau, mode, shape, softmax, recompute)
+    gn_weight and gn_bias are the GroupNorm affine parameters flattened to (C,); mode is the
+    SRU's math (``SRUMath.code``, any upstream revision).
 
     Saves: x, the SRU statistics (N x group_num), the parameters, and what the CRU
     backward needs (``cru_forward_core``'s ``saved``): the squeezed tensors, the
@@ -47,21 +49,21 @@ class SCConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gn_w, gn_b, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2,
-                group_num, eps, torch_gn, tau, hard, shape, softmax, recompute):
-        s, mean, rstd = sru_forward_op(x, gn_w, gn_b, group_num, eps, torch_gn, tau, hard)
+                group_num, eps, torch_gn, tau, mode, shape, softmax, recompute):
+        s, mean, rstd = sru_forward_op(x, gn_w, gn_b, group_num, eps, torch_gn, tau, mode)
         out, saved = cru_forward_core(s, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, recompute)
         ctx.save_for_backward(x, mean, rstd, gn_w, gn_b, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, *saved)
-        ctx.cfg = (float(tau), bool(hard), bool(torch_gn), float(eps), shape, softmax, bool(recompute))
+        ctx.cfg = (float(tau), int(mode), bool(torch_gn), float(eps), shape, softmax, bool(recompute))
         return out
 
     @staticmethod
     def backward(ctx, dout):
         x, mean, rstd, gn_w, gn_b, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, *saved = ctx.saved_tensors
-        tau, hard, torch_gn, eps, shape, softmax, recompute = ctx.cfg
+        tau, mode, torch_gn, eps, shape, softmax, recompute = ctx.cfg
         need = ctx.needs_input_grad
         need_x = need[0]
-        need_gn = (need[1] or need[2]) and not hard
-        s = torch.ops.scconv_triton.sru_apply(x, mean, rstd, gn_w, gn_b, tau, hard)
+        need_gn = (need[1] or need[2]) and SRUMath.from_code(mode).param_grad
+        s = torch.ops.scconv_triton.sru_apply(x, mean, rstd, gn_w, gn_b, tau, mode)
         ds, d_sq1, d_sq2, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2 = cru_backward_core(
             dout, s, tuple(saved), w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, recompute,
             need_x or need_gn,
@@ -71,7 +73,7 @@ class SCConvFunction(torch.autograd.Function):
             d_pwc2 = None
         dx = d_gw = d_gb = None
         if need_x or need_gn:
-            dx, d_gw, d_gb = sru_backward_op(ds, x, mean, rstd, gn_w, gn_b, tau, hard, torch_gn, eps, need_gn, need_x)
+            dx, d_gw, d_gb = sru_backward_op(ds, x, mean, rstd, gn_w, gn_b, tau, mode, torch_gn, eps, need_gn, need_x)
         return (
             dx if need_x else None,
             d_gw if need[1] else None,
@@ -82,11 +84,13 @@ class SCConvFunction(torch.autograd.Function):
 
 
 def scconv(x, gn_w, gn_b, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, *, group_num, eps, torch_gn,
-           gate_treshold, gate, shape, softmax, recompute):
-    """Functional fused SCConv; parameters in the module's state_dict order (any shapes)."""
+           gate_treshold, shape, softmax, recompute, gate="soft", mode=None):
+    """Functional fused SCConv; parameters in the module's state_dict order (any shapes).
+    ``mode`` (``SRUMath.code``) selects any revision's SRU; without it ``gate`` picks the
+    2023-10 soft or hard gate."""
     c = x.shape[1]
     return SCConvFunction.apply(
         x, gn_w.reshape(c), gn_b.reshape(c), w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2,
-        int(group_num), float(eps), bool(torch_gn), float(gate_treshold), gate == "hard",
+        int(group_num), float(eps), bool(torch_gn), float(gate_treshold), gate_mode(gate, mode),
         shape, softmax, bool(recompute),
     )

@@ -3,11 +3,16 @@
 ``scconv_triton::sru_fwd`` returns (s, mean, rstd); ``scconv_triton::sru_bwd`` returns
 (dx, dweight, dbias) with empty tensors standing for "no gradient". Both have fake
 (meta) implementations, so ``torch.compile(fullgraph=True)`` traces through them.
+
+``mode`` is the SRU's math as ``scconv_triton._config.SRUMath.code`` (weighting, mask rule,
+operand; 0 = the current upstream form, 1 = its hard gate, so a legacy ``hard`` bool still
+means what it meant).
 """
 from __future__ import annotations
 
 import torch
 
+from .._config import SRUMath
 from ..kernels import sru as _k
 
 __all__ = ["SRUFunction", "sru", "sru_forward_op", "sru_backward_op"]
@@ -26,15 +31,15 @@ def _sru_fwd(
     eps: float,
     torch_gn: bool,
     tau: float,
-    hard: bool,
+    mode: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    mean, rstd, wsum = _k.sru_stats(x, group_num, eps, torch_gn, weight=weight)
-    s = _k.sru_apply(x, mean, rstd, weight, bias, tau, hard, wsum=wsum)
+    mean, rstd, wsum = _k.sru_stats(x, group_num, eps, torch_gn, weight=weight, mode=mode)
+    s = _k.sru_apply(x, mean, rstd, weight, bias, tau, mode, wsum=wsum)
     return s, mean, rstd
 
 
 @_sru_fwd.register_fake
-def _sru_fwd_fake(x, weight, bias, group_num, eps, torch_gn, tau, hard):
+def _sru_fwd_fake(x, weight, bias, group_num, eps, torch_gn, tau, mode):
     acc = _acc_dtype(x)
     n = x.shape[0]
     # mean is fp64 for every input dtype (kernels/sru.py: an fp32 hi/lo pair in the kernels)
@@ -51,14 +56,14 @@ def _sru_bwd(
     weight: torch.Tensor,
     bias: torch.Tensor,
     tau: float,
-    hard: bool,
+    mode: int,
     torch_gn: bool,
     eps: float,
     needs_input_grad_params: bool,
     needs_input_grad_x: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dx, dw, db = _k.sru_backward(
-        ds, x, mean, rstd, weight, bias, tau, hard, torch_gn, eps, needs_input_grad_params, needs_input_grad_x
+        ds, x, mean, rstd, weight, bias, tau, mode, torch_gn, eps, needs_input_grad_params, needs_input_grad_x
     )
     # custom ops cannot return None: "no gradient" travels as an empty tensor (allocations only)
     return (
@@ -69,59 +74,60 @@ def _sru_bwd(
 
 
 @_sru_bwd.register_fake
-def _sru_bwd_fake(ds, x, mean, rstd, weight, bias, tau, hard, torch_gn, eps, needs_input_grad_params,
+def _sru_bwd_fake(ds, x, mean, rstd, weight, bias, tau, mode, torch_gn, eps, needs_input_grad_params,
                   needs_input_grad_x):
-    c = 0 if (hard or not needs_input_grad_params) else weight.numel()
+    c = weight.numel() if (SRUMath.from_code(mode).param_grad and needs_input_grad_params) else 0
     dx = torch.empty_like(x) if needs_input_grad_x else x.new_empty((0,))
     return dx, weight.new_empty((c,)), weight.new_empty((c,))
 
 
-def sru_forward_op(x, weight, bias, group_num, eps, torch_gn, tau, hard):
+def sru_forward_op(x, weight, bias, group_num, eps, torch_gn, tau, mode):
     """(s, mean, rstd) from the ``scconv_triton::sru_fwd`` custom op; weight, bias (C,)."""
     return torch.ops.scconv_triton.sru_fwd(
-        x, weight, bias, int(group_num), float(eps), bool(torch_gn), float(tau), bool(hard)
+        x, weight, bias, int(group_num), float(eps), bool(torch_gn), float(tau), int(mode)
     )
 
 
-def sru_backward_op(ds, x, mean, rstd, weight, bias, tau, hard, torch_gn, eps, needs_input_grad_params,
+def sru_backward_op(ds, x, mean, rstd, weight, bias, tau, mode, torch_gn, eps, needs_input_grad_params,
                     needs_input_grad_x=True):
     """(dx, dweight, dbias) from ``scconv_triton::sru_bwd``, with None for absent gradients."""
     dx, dw, db = torch.ops.scconv_triton.sru_bwd(
-        ds, x, mean, rstd, weight, bias, float(tau), bool(hard), bool(torch_gn), float(eps),
+        ds, x, mean, rstd, weight, bias, float(tau), int(mode), bool(torch_gn), float(eps),
         bool(needs_input_grad_params), bool(needs_input_grad_x),
     )
-    has_params = bool(needs_input_grad_params) and not hard
+    has_params = bool(needs_input_grad_params) and SRUMath.from_code(mode).param_grad
     return (dx if needs_input_grad_x else None, dw if has_params else None, db if has_params else None)
 
 
 class SRUFunction(torch.autograd.Function):
     """Fused SRU with a recomputing backward.
 
-    forward(ctx, x, weight, bias, group_num, eps, torch_gn, tau, hard): weight and bias are
-    the (C,) GroupNorm affine parameters. Saves ONLY x, the per-(sample, group) mean (N x G,
-    fp64) and rstd (N x G, fp32 or fp64), weight and bias: nothing of size N x C x H x W besides x.
-    backward recomputes xhat, r = sigmoid(gn(x) * w_gamma) and the gate from x and the stats,
-    then returns dx (through the gate, both halves of the cross-reconstruction and the
-    GroupNorm), d weight (GroupNorm affine + w_gamma = weight / sum(weight)) and d bias; with
-    the hard gate only dx (no gradient through the masks).
+    forward(ctx, x, weight, bias, group_num, eps, torch_gn, tau, mode): weight and bias are
+    the (C,) GroupNorm affine parameters; mode the SRU's switches (``SRUMath.code``). Saves ONLY
+    x, the per-(sample, group) mean (N x G, fp64) and rstd (N x G, fp32 or fp64), weight and bias:
+    nothing of size N x C x H x W besides x.
+    backward recomputes xhat, r = sigmoid(gn(x) * w) and the gate from x and the stats, then
+    returns dx (through the gate, both halves of the cross-reconstruction and the GroupNorm),
+    d weight (GroupNorm affine + w = weight / sum(weight) or softmax(weight)) and d bias; with
+    binary masks on x only dx (no gradient through the masks).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group_num, eps, torch_gn, tau, hard):
-        s, mean, rstd = sru_forward_op(x, weight, bias, group_num, eps, torch_gn, tau, hard)
+    def forward(ctx, x, weight, bias, group_num, eps, torch_gn, tau, mode):
+        s, mean, rstd = sru_forward_op(x, weight, bias, group_num, eps, torch_gn, tau, mode)
         ctx.save_for_backward(x, mean, rstd, weight, bias)
-        ctx.cfg = (float(tau), bool(hard), bool(torch_gn), float(eps))
+        ctx.cfg = (float(tau), int(mode), bool(torch_gn), float(eps))
         return s
 
     @staticmethod
     def backward(ctx, ds):
         x, mean, rstd, weight, bias = ctx.saved_tensors
-        tau, hard, torch_gn, eps = ctx.cfg
+        tau, mode, torch_gn, eps = ctx.cfg
         need_x = ctx.needs_input_grad[0]
-        need_p = (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and not hard
+        need_p = (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and SRUMath.from_code(mode).param_grad
         if not (need_x or need_p):
             return (None,) * 8
-        dx, dw, db = sru_backward_op(ds, x, mean, rstd, weight, bias, tau, hard, torch_gn, eps, need_p, need_x)
+        dx, dw, db = sru_backward_op(ds, x, mean, rstd, weight, bias, tau, mode, torch_gn, eps, need_p, need_x)
         if not ctx.needs_input_grad[1]:
             dw = None
         if not ctx.needs_input_grad[2]:
@@ -129,12 +135,21 @@ class SRUFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None
 
 
-def sru(x, weight, bias, *, group_num, eps, torch_gn, gate_treshold, gate="soft"):
-    """Functional fused SRU. weight, bias: GroupNorm affine with C elements (any shape)."""
+def gate_mode(gate, mode) -> int:
+    """The mode code of ``mode`` (an int, or None to take it from the 2023-10 ``gate``)."""
+    if mode is not None:
+        return SRUMath.from_code(mode).code
     if gate not in ("soft", "hard"):
         raise ValueError(f"gate must be 'soft' or 'hard', got {gate!r}")
+    return int(gate == "hard")
+
+
+def sru(x, weight, bias, *, group_num, eps, torch_gn, gate_treshold, gate="soft", mode=None):
+    """Functional fused SRU. weight, bias: GroupNorm affine with C elements (any shape).
+    ``mode`` (``SRUMath.code``) selects any revision's math; without it ``gate`` picks the
+    2023-10 soft or hard gate."""
     c = x.shape[1]
     return SRUFunction.apply(
         x, weight.reshape(c), bias.reshape(c), int(group_num), float(eps), bool(torch_gn), float(gate_treshold),
-        gate == "hard",
+        gate_mode(gate, mode),
     )
