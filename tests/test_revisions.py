@@ -6,17 +6,16 @@ convolutions), as modules shaped like the upstream files (``SRU.gn`` with the
 revision's parameter names, ``CRU``/``GRU`` with the five convolutions), so that they
 serve both as the expected math and as the "upstream" models ``from_upstream`` sees.
 """
-import math
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import scconv_triton
 from scconv_triton import from_upstream, identify_revision
 from scconv_triton import reference as ref
 from scconv_triton._config import MASKS, OPERANDS, WEIGHTINGS, SRUMath
+from test_reference import spec_conv as loop_conv  # k x k conv as explicit shifted einsums
 
 # revision -> (GroupNorm kind, parameter names, w, mask rule, operand, default group_num)
 TABLE = {
@@ -119,23 +118,6 @@ class LoopSRU(nn.Module):
             b.append((1 - m1) * op)
         out = [a[ch] + b[ch + h] for ch in range(h)] + [a[ch + h] + b[ch] for ch in range(h)]
         return torch.stack(out, dim=1)
-
-
-def loop_conv(x, weight, bias, stride, groups):
-    k = weight.shape[-1]
-    pad = k // 2
-    n, cin, hh, ww = x.shape
-    cout = weight.shape[0]
-    ho, wo = (hh + 2 * pad - k) // stride + 1, (ww + 2 * pad - k) // stride + 1
-    xp = F.pad(x, (pad, pad, pad, pad))
-    out = x.new_zeros(n, cout, ho, wo)
-    ci, co = cin // groups, cout // groups
-    for gi in range(groups):
-        for a in range(k):
-            for b in range(k):
-                patch = xp[:, gi * ci:(gi + 1) * ci, a:a + stride * (ho - 1) + 1:stride, b:b + stride * (wo - 1) + 1:stride]
-                out[:, gi * co:(gi + 1) * co] += torch.einsum("nchw,oc->nohw", patch, weight[gi * co:(gi + 1) * co, :, a, b])
-    return out if bias is None else out + bias.reshape(1, -1, 1, 1)
 
 
 class LoopCRU(nn.Module):
@@ -430,3 +412,23 @@ def test_from_upstream_fused_default(device):
     assert [r.revision for r in rep.replaced] == ["2023-09", "2023-07-27"]
     assert next(rep.model.body[0].parameters()).device.type == torch.device(device).type
     assert rel(rep.model(x), want) < 1e-10
+
+
+def test_every_revision_costs_what_the_default_costs(device):
+    # Counted by benchmarks.meter (interpreter bytes on a CPU): the revisions are constexpr
+    # switches of the same kernels, so each forward stays within one launch and 1 S of the
+    # default's (benchmarks/revisions.py prints the same at 64@56).
+    from benchmarks.meter import measure_step
+
+    res = {}
+    for rev in REVS:
+        layer = scconv_triton.SCConv(16, revision=rev, backend="triton").to(device)
+        res[rev] = measure_step(layer, torch.randn(1, 16, 8, 8, device=device))
+    base = res["2023-10"]
+    for rev, r in res.items():
+        assert r["fwd_triton_launches"] == base["fwd_triton_launches"], rev
+        assert abs(r["fwd_launches"] - base["fwd_launches"]) <= 1, rev
+        assert abs(r["fwd_S"] - base["fwd_S"]) <= 1.0, (rev, r["fwd_S"], base["fwd_S"])
+        assert r["saved_S"] <= base["saved_S"] + 0.25, rev
+    # 2023-07-27's masks on x pass no gradient into the GroupNorm: its backward skips that pass
+    assert res["2023-07-27"]["bwd_triton_launches"] < base["bwd_triton_launches"]
