@@ -6,17 +6,19 @@
     python benchmarks/gpu_session.py --all                   # every part in order, under 30 min on one H100
     python benchmarks/gpu_session.py --dry-run --all         # CPU: every part at tiny shapes, CPU timers
 
-Parts (``--part a,b``; ``--all`` = the profile's list, in this order):
+Parts (``--part a,b``; ``--all`` = the profile's list, in this order; ``--list`` shows all):
 
     tests           python -m pytest -x -q on CUDA (compiled kernels), a per-test and a per-part timeout
     layers          benchmarks/run.py timings: fp32 and bf16, NCHW and channels_last, batch 64 (--no-count)
     networks        ResNet-50 vs SCConv-R50 (batch 128) and DenseNet-121 vs SCConv-D121 (batch 64), 224x224,
                     reference and ours: step time and peak memory (benchmarks/networks.py)
-    counts          run.py fp32 NCHW once more with the launch/byte counts (a CPU subprocess under the
-                    interpreter at batch 1 and 2): the GB/s and %copy columns                  (full only)
-    compile-layers  torch.compile(reference) per layer, fp32 NCHW and bf16 channels_last       (full only)
-    compile-r50     torch.compile of ResNet-50 and SCConv-R50 (reference), batch 128           (full only)
-    compile-d121    torch.compile of DenseNet-121 and SCConv-D121 (reference), batch 64        (full only)
+    compile-layers  torch.compile(reference) per layer, fp32 NCHW (and bf16 channels_last in full)
+    compile-r50     torch.compile of ResNet-50 and SCConv-R50 (reference), batch 128
+    compile-d121    torch.compile of DenseNet-121 and SCConv-D121 (reference), batch 64
+    counts          run.py fp32 NCHW with the launch/byte counts (a CPU subprocess under the interpreter
+                    at batch 1 and 2), for the GB/s and %copy columns; only with --part
+
+    quick --all: tests, layers, networks.  full --all: all but counts.
 
 Every part runs in a child process of its own with a hard time cap (killed, with what it had
 saved kept, when it overruns) and writes its results as it goes. After each part the session
@@ -37,8 +39,8 @@ measurement (tests/test_gpu_session.py runs it). A dry run never writes benchmar
 
 Why --no-count for the timing parts: on a GPU machine run.py counts in a CPU subprocess under the
 Triton interpreter at batch 1 and 2, which takes minutes per configuration. Traffic in units of S
-barely depends on dtype or batch, and the CPU counts are in RESULTS.md; the full profile counts
-once (the ``counts`` part, fp32 NCHW) for achieved GB/s.
+barely depends on dtype or batch, and the CPU counts are in RESULTS.md; ``--part counts`` counts
+once (fp32 NCHW) for achieved GB/s, when the lease has the ~4 minutes to spare.
 """
 from __future__ import annotations
 
@@ -203,8 +205,10 @@ def part_table(profile: str, parts) -> str:
     for name in parts:
         e, note = estimate(name, profile)
         cap = p["caps"][name]
-        tot_e, tot_c = tot_e + e, tot_c + cap
-        lines.append(f"  {name:15s} {cap / 60:5.1f}m {e / 60:8.1f}m  {note}")
+        extra = name not in p["parts"]
+        if not extra:
+            tot_e, tot_c = tot_e + e, tot_c + cap
+        lines.append(f"  {name:15s} {cap / 60:5.1f}m {e / 60:8.1f}m  {note}" + ("  [only with --part]" if extra else ""))
     lines.append(f"  {'total':15s} {tot_c / 60:5.1f}m {tot_e / 60:8.1f}m  (session limit {p['total'] / 60:.1f} min "
                  "with --all)")
     return "\n".join(lines)
@@ -405,7 +409,8 @@ def part_tests(ctx: Ctx):
     ctx.data.update(command=shlex.join(["python"] + cmd[1:]), log="tests.log")
     ctx.save()
     r = run_logged(cmd, timeout=ctx.left() - 5, log_path=log, env=env)
-    ctx.data.update(rc=r["rc"], timed_out=r["timed_out"], wall_s=r["wall_s"], **parse_pytest(r["tail"]))
+    with open(log, errors="replace") as f:
+        ctx.data.update(rc=r["rc"], timed_out=r["timed_out"], wall_s=r["wall_s"], **parse_pytest(f.read()))
     ok = r["rc"] == 0 and not r["timed_out"]
     ctx.data["status"] = "ok" if ok else ("timeout" if r["timed_out"] else "failed")
     ctx.save()
@@ -593,6 +598,13 @@ def ensure_importable() -> str:
     r = subprocess.run(pip, cwd=_ROOT, capture_output=True, text=True, timeout=300)
     if r.returncode == 0 and subprocess.run(probe, cwd=_ROOT, capture_output=True, timeout=300).returncode == 0:
         return "installed with pip -e (no deps, no index)"
+    # Without pip's mapping of kernels/ to scconv_triton.kernels, a link in the source tree does the
+    # same (git ignores it); the tests import the package from the repository root either way.
+    link = os.path.join(_ROOT, "scconv_triton", "kernels")
+    if not os.path.lexists(link):
+        os.symlink(os.path.join("..", "kernels"), link)
+    if subprocess.run(probe, cwd=_ROOT, capture_output=True, timeout=300).returncode == 0:
+        return "pip install -e failed; linked scconv_triton/kernels -> ../kernels"
     raise SystemExit(f"scconv_triton.kernels does not import and `{shlex.join(pip)}` failed:\n{r.stderr[-2000:]}")
 
 
@@ -745,7 +757,7 @@ def parse_args(argv=None):
     p.add_argument("--no-write-tree", action="store_true", help="do not update benchmarks/RESULTS.md in place")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-json", help=argparse.SUPPRESS)
-    p.add_argument("--cap", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-deadline", type=float, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -764,7 +776,8 @@ def _cpu_threads(dry: bool):
 
 
 def _child(a) -> int:
-    ctx = Ctx(a.budget, a.dry_run, time.monotonic() + a.cap - 5, a.out, a.child_json, a)
+    # the wall-clock deadline the parent set (it kills this process 20 s after it)
+    ctx = Ctx(a.budget, a.dry_run, time.monotonic() + (a.child_deadline - time.time()) - 5, a.out, a.child_json, a)
     ctx.data["part"] = a.child
     with _cpu_threads(a.dry_run):
         PARTS[a.child](ctx)
@@ -783,6 +796,12 @@ class _Tee:
     def flush(self):
         for st in self.streams:
             st.flush()
+
+    def isatty(self):
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self.streams[0], name)
 
 
 def main(argv=None) -> int:
@@ -805,7 +824,7 @@ def main(argv=None) -> int:
         if x not in R50 + D121:
             raise SystemExit(f"unknown network {x!r}; choose from {', '.join(R50 + D121)}")
     if a.list or not (a.all or a.part):
-        print(part_table(a.budget, parts))
+        print(part_table(a.budget, PART_ORDER if a.list and not a.part else parts))
         if not a.list:
             print("\nnothing to run: pass --all or --part NAME (see --help)")
         return 0
@@ -872,7 +891,7 @@ def _run_part(a, name, cap, out) -> dict:
         if os.path.exists(path):
             os.remove(path)
         cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--child-json", path, "--budget",
-               a.budget, "--cap", str(cap), "--out", out] + (["--dry-run"] if a.dry_run else [])
+               a.budget, "--child-deadline", repr(time.time() + cap), "--out", out] + (["--dry-run"] if a.dry_run else [])
         cmd += (["--test-jobs", str(a.test_jobs)] if a.test_jobs is not None else [])
         cmd += (["--pytest-args", a.pytest_args] if a.pytest_args else [])
         cmd += (["--networks", ",".join(a.networks)] if a.networks else [])

@@ -72,6 +72,10 @@ def test_dry_run_every_part(tmp_path, monkeypatch):
         assert "error" not in n and n["step_ms"] > 0 and n["saved_bytes"] > 0, n
     comp = parts["compile-r50"]["data"]["units"]
     assert [n["network"] for n in comp] == ["ResNet-50 + torch.compile"] and comp[0]["step_ms"] > 0
+    assert comp[0].get("saved_bytes") is None  # a compiled graph's saved tensors are not eager autograd's
+    from benchmarks.networks import format_networks
+
+    assert "ResNet-50 + torch.compile" in format_networks(comp + nets)
     assert parts["compile-d121"]["data"]["units"] == []  # filtered out by --networks
 
     md = (out / "RESULTS.md").read_text()
