@@ -208,7 +208,8 @@ def part_table(profile: str, parts) -> str:
         extra = name not in p["parts"]
         if not extra:
             tot_e, tot_c = tot_e + e, tot_c + cap
-        lines.append(f"  {name:15s} {cap / 60:5.1f}m {e / 60:8.1f}m  {note}" + ("  [only with --part]" if extra else ""))
+        tag = "  [only with --part]" if extra else ""
+        lines.append(f"  {name:15s} {cap / 60:5.1f}m {e / 60:8.1f}m  {note}{tag}")
     lines.append(f"  {'total':15s} {tot_c / 60:5.1f}m {tot_e / 60:8.1f}m  (session limit {p['total'] / 60:.1f} min "
                  "with --all)")
     return "\n".join(lines)
@@ -434,26 +435,32 @@ def _layer_argv(ctx: Ctx, dtype, cl, impls, shapes, count=False):
     return argv
 
 
+def _run_unit(ctx: Ctx, unit: dict, label: str, est: float, work):
+    """Run one unit (``work(unit)`` fills it in) unless less than half its estimate is left; save it."""
+    if not ctx.dry and ctx.left() < 0.5 * est:
+        unit["skipped"] = f"not started: {ctx.left():.0f} s left in the part's cap, ~{est:.0f} s needed"
+    else:
+        t0 = time.monotonic()
+        try:
+            work(unit)
+        except Exception as e:  # one unit's failure must not lose the others
+            unit["error"] = f"{type(e).__name__}: {e}"[:300]
+        unit["wall_s"] = round(time.monotonic() - t0, 1)
+        _free()
+    ctx.data["units"].append(unit)
+    ctx.save()
+    why = unit.get("error") or unit.get("skipped")
+    print(f"[{ctx.data.get('part')}] {label}: {unit.get('wall_s', 0)} s" + (f" ({why})" if why else ""), flush=True)
+
+
 def _layer_units(ctx: Ctx, units, compile_fn=None):
-    """units: (label, argv, estimated seconds); each unit's result is saved as soon as it is there."""
+    """units: (label, run.py argv, estimated seconds)."""
     for label, argv, est in units:
-        unit = {"config": label, "command": "python benchmarks/run.py " + shlex.join(argv)}
-        if not ctx.dry and ctx.left() < 0.5 * est:
-            unit["skipped"] = f"not started: {ctx.left():.0f} s left in the part's cap, ~{est:.0f} s needed"
-        else:
-            t0 = time.monotonic()
-            try:
-                res, text = _run_py(ctx, argv, compile_fn)
-                unit.update(rows=res["rows"], meta=res["meta"], report=text)
-            except Exception as e:  # one configuration's failure must not lose the others
-                unit["error"] = f"{type(e).__name__}: {e}"[:300]
-            unit["wall_s"] = round(time.monotonic() - t0, 1)
-            _free()
-        ctx.data["units"].append(unit)
-        ctx.save()
-        print(f"[{ctx.data.get('part')}] {label}: {unit.get('wall_s', 0)} s"
-              + (f" ({unit.get('error') or unit.get('skipped')})" if "error" in unit or "skipped" in unit else ""),
-              flush=True)
+        def work(unit, argv=argv):
+            res, text = _run_py(ctx, argv, compile_fn)
+            unit.update(rows=res["rows"], meta=res["meta"], report=text)
+
+        _run_unit(ctx, {"config": label, "command": "python benchmarks/run.py " + shlex.join(argv)}, label, est, work)
 
 
 def _cfg_label(dtype, cl):
@@ -499,27 +506,18 @@ def _network_units(ctx: Ctx, names, compile_fn=None):
             ctx.data["status"] = "skipped"
             ctx.data["note"] = "no network of this part selected by --networks"
     for name in names:
-        fam = "R50" if name in R50 else "D121"
-        batch = ctx.sizes["net_batch"][fam]
-        est = 20.0 + (INDUCTOR_NET_S.get(name, 0) if compile_fn else 0)
-        unit = {"network": name, "batch": batch, "size": ctx.sizes["net_size"]}
-        if not ctx.dry and ctx.left() < 0.5 * est:
-            unit["skipped"] = f"not started: {ctx.left():.0f} s left in the part's cap, ~{est:.0f} s needed"
-        else:
-            t0 = time.monotonic()
-            fused = "(ours)" in name
-            with _dry_kernels(ctx) if fused else contextlib.nullcontext():
+        batch = ctx.sizes["net_batch"]["R50" if name in R50 else "D121"]
+
+        def work(unit, name=name, batch=batch):
+            with _dry_kernels(ctx) if "(ours)" in name else contextlib.nullcontext():
                 rows = networks.run_networks(device="cpu" if ctx.dry else "cuda", batch=batch,
                                              size=ctx.sizes["net_size"], fused=True, times=True,
                                              tools=make_tools(ctx), quiet=True, which=[name], compile_fn=compile_fn)
             unit.update(rows[0] if rows else {"error": "no row"})
-            unit["wall_s"] = round(time.monotonic() - t0, 1)
-            _free()
-        ctx.data["units"].append(unit)
-        ctx.save()
-        print(f"[{ctx.data.get('part')}] {unit.get('network', name)}: {unit.get('wall_s', 0)} s"
-              + (f" ({unit.get('error') or unit.get('skipped')})" if "error" in unit or "skipped" in unit else ""),
-              flush=True)
+
+        unit = {"network": name, "batch": batch, "size": ctx.sizes["net_size"]}
+        est = 20.0 + (INDUCTOR_NET_S.get(name, 0) if compile_fn else 0)
+        _run_unit(ctx, unit, unit["network"] + (" + torch.compile" if compile_fn else ""), est, work)
 
 
 def part_networks(ctx: Ctx):
@@ -737,8 +735,8 @@ def merge_results(text: str, marker: str, header: str, parts_md: dict) -> str:
 
 # ----------------------------------------------------------------------------- main
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--all", action="store_true", help="every part of the profile, in order")
     g.add_argument("--part", help=f"comma list of {', '.join(PART_ORDER)}")
@@ -891,7 +889,8 @@ def _run_part(a, name, cap, out) -> dict:
         if os.path.exists(path):
             os.remove(path)
         cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--child-json", path, "--budget",
-               a.budget, "--child-deadline", repr(time.time() + cap), "--out", out] + (["--dry-run"] if a.dry_run else [])
+               a.budget, "--child-deadline", repr(time.time() + cap), "--out", out]
+        cmd += ["--dry-run"] if a.dry_run else []
         cmd += (["--test-jobs", str(a.test_jobs)] if a.test_jobs is not None else [])
         cmd += (["--pytest-args", a.pytest_args] if a.pytest_args else [])
         cmd += (["--networks", ",".join(a.networks)] if a.networks else [])
