@@ -375,7 +375,8 @@ def _pytest_cmd(ctx: Ctx) -> list:
     if not ctx.dry and jobs > 1 and importlib.util.find_spec("xdist"):
         cmd += ["-n", str(jobs), "--dist", "loadfile"]
     if not ctx.dry and importlib.util.find_spec("pytest_timeout"):
-        cmd += ["--timeout", "240"]
+        # a hung test dumps its stack 30 s before the part's cap kills pytest without one
+        cmd += ["--timeout", str(int(max(30, ctx.left() - 30)))]
     if ctx.dry:
         cmd += ["--collect-only"]
     if ctx.opts and ctx.opts.pytest_args:

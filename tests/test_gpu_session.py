@@ -148,13 +148,24 @@ def test_parse_pytest_summary_and_failures():
 
 
 def test_pytest_command_on_cuda_runs_compiled_kernels(monkeypatch):
-    """The tests part must not inherit TRITON_INTERPRET on a GPU, and adds the timeout/xdist flags."""
+    """On a GPU the tests part drops TRITON_INTERPRET and adds xdist workers and a per-test timeout."""
+    import importlib.util
+    import time
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name in ("xdist", "pytest_timeout") else real(name, *a))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     a = gs.parse_args(["--part", "tests"])
-    ctx = gs.Ctx("quick", False, 0.0, "/tmp", None, a)
+    ctx = gs.Ctx("quick", False, time.monotonic() + 180, "/tmp", None, a)
     cmd = gs._pytest_cmd(ctx)
     assert cmd[1:5] == ["-m", "pytest", "-x", "-q"] and "--collect-only" not in cmd
+    assert cmd[cmd.index("-n") + 1] == "4" and 140 <= int(cmd[cmd.index("--timeout") + 1]) <= 150
     assert "TRITON_INTERPRET" not in gs._pytest_env(ctx)
-    dry_ctx = gs.Ctx("quick", True, 0.0, "/tmp", None, a)
+    serial = gs._pytest_cmd(gs.Ctx("quick", False, time.monotonic() + 180, "/tmp", None,
+                                   gs.parse_args(["--part", "tests", "--test-jobs", "1"])))
+    assert "-n" not in serial
+    dry_ctx = gs.Ctx("quick", True, time.monotonic() + 180, "/tmp", None, a)
     dry = gs._pytest_cmd(dry_ctx)
-    assert "--collect-only" in dry and "-n" not in dry and gs._pytest_env(dry_ctx)["TRITON_INTERPRET"] == "1"
+    assert "--collect-only" in dry and "-n" not in dry and "--timeout" not in dry
+    assert gs._pytest_env(dry_ctx)["TRITON_INTERPRET"] == "1"
