@@ -169,3 +169,59 @@ def test_pytest_command_on_cuda_runs_compiled_kernels(monkeypatch):
     dry = gs._pytest_cmd(dry_ctx)
     assert "--collect-only" in dry and "-n" not in dry and "--timeout" not in dry
     assert gs._pytest_env(dry_ctx)["TRITON_INTERPRET"] == "1"
+
+
+def test_gpu_timers_and_compile_use_the_profile(monkeypatch):
+    """The non-dry tools pass the profile's do_bench windows; compile rows get a fresh static graph."""
+    import triton.testing
+
+    seen = {}
+
+    def fake_do_bench(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean"):
+        seen.update(warmup=warmup, rep=rep, mode=return_mode)
+        fn()
+        return 1.5
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    ctx = gs.Ctx("quick", False, 0.0, "/tmp", None, None)
+    assert gs.make_tools(ctx).do_bench(lambda: None) == 1.5
+    assert seen == {"warmup": gs.PROFILES["quick"]["bench_ms"][0], "rep": gs.PROFILES["quick"]["bench_ms"][1],
+                    "mode": "median"}
+    calls = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: calls.append("reset"))
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append(kw) or m)
+    m = torch.nn.Linear(2, 2)
+    assert gs._compile_fn(ctx)(m) is m and calls == ["reset", {"dynamic": False}]
+    assert gs._compile_fn(gs.Ctx("quick", True, 0.0, "/tmp", None, None))(m) is m and len(calls) == 2
+
+
+def test_results_section_of_a_failed_gpu_session():
+    """A GPU session whose parts time out or fail still writes a readable section that says so."""
+    env = {"date": "2026-12-02", "started_utc": "2026-12-02 10:00:00", "card": "NVIDIA H100 80GB HBM3",
+           "capability": "9.0", "memory_gib": 79.1, "sms": 132, "max_sm_clock": "1980 MHz", "power_limit": "700 W",
+           "driver": "580.1", "torch_cuda": "13.0", "cudnn": 91000, "cpu_count": 16, "python": "3.12.3",
+           "torch": "2.11.0", "triton": "3.6.0", "numpy": "2.5.2", "commit": "abc1234", "dry_run": False,
+           "cudnn_benchmark": False, "cudnn_allow_tf32": True, "matmul_allow_tf32": False}
+    marker, header = gs.render_header(env, "quick")
+    assert "NVIDIA H100 80GB HBM3" in header and "driver 580.1" in header and "3.6.0" in header
+    assert "NOT measurements" not in header and marker == "<!-- gpu-session 2026-12-02 NVIDIA-H100-80GB-HBM3 quick -->"
+    tests = {"status": "timeout", "wall_s": 200.0, "cap_s": 180, "killed": True, "note": None,
+             "data": {"command": "python -m pytest -x -q", "rc": -15, "timed_out": True, "summary": None}}
+    layers = {"status": "partial", "wall_s": 150.0, "cap_s": 150, "data": {"units": [
+        {"config": "fp32 NCHW", "command": "python benchmarks/run.py ...", "wall_s": 80.0, "report": "TABLE"},
+        {"config": "bf16 channels_last", "command": "python benchmarks/run.py ...", "skipped": "not started"}]}}
+    nets = {"status": "partial", "wall_s": 100.0, "cap_s": 130, "data": {"units": [
+        {"network": "ResNet-50", "batch": 128, "size": 224, "step_ms": 50.0, "peak_bytes": 10 * 2**30,
+         "saved_bytes": 8 * 2**30, "wall_s": 9.0},
+        {"network": "SCConv-R50 (reference)", "batch": 128, "size": 224, "step_ms": 100.0, "peak_bytes": 15 * 2**30,
+         "saved_bytes": 14 * 2**30, "wall_s": 12.0},
+        {"network": "SCConv-R50 (ours)", "batch": 128, "size": 224, "error": "OutOfMemoryError: CUDA out of memory"}]}}
+    md = {n: gs.render_part(n, r, "x.json", "python benchmarks/gpu_session.py --all --budget quick")
+          for n, r in (("tests", tests), ("layers", layers), ("networks", nets))}
+    assert "### tests: timeout in 200 s (cap 180 s, killed at the cap)" in md["tests"]
+    assert "no summary line" in md["tests"]
+    assert "TABLE" in md["layers"] and "n/a: not started" in md["layers"]
+    assert "| SCConv-R50 (reference) | 128 | 224 | 100.00 | 2.00 | 15360 | 1.50 | 14336.0 |" in md["networks"]
+    assert "n/a (OutOfMemoryError: CUDA out of memory)" in md["networks"]
+    text = gs.merge_results("# Results\n\n## CPU\n", marker, header, md)
+    assert text.index("## GPU session: NVIDIA H100") < text.index("## CPU")
