@@ -16,7 +16,7 @@ import torch
 
 from benchmarks import gpu_session as gs
 
-NETS = "ResNet-50,SCConv-R50 (ours)"  # one eager baseline, one fused network: both code paths, cheap
+NETS = "SCConv-R50 (ours),DenseNet-121"  # a fused network and the cheapest eager baseline: both code paths
 
 
 def _dry(tmp_path, out, *argv):
@@ -49,7 +49,7 @@ def test_dry_run_every_part(tmp_path, monkeypatch):
     parts = data["parts"]
     assert list(parts) == list(gs.PROFILES["full"]["parts"])
     status = {k: p["status"] for k, p in parts.items()}
-    assert status == {**{k: "ok" for k in parts}, "compile-d121": "skipped"}, status  # --networks: no D121
+    assert status == {**{k: "ok" for k in parts}, "compile-r50": "skipped"}, status  # --networks: no ResNet-50
     assert data["env"]["dry_run"] and data["env"]["torch"] == torch.__version__
 
     t = parts["tests"]["data"]
@@ -74,13 +74,13 @@ def test_dry_run_every_part(tmp_path, monkeypatch):
     assert [n["network"] for n in nets] == NETS.split(",")
     for n in nets:
         assert "error" not in n and n["step_ms"] > 0 and n["saved_bytes"] > 0, n
-    comp = parts["compile-r50"]["data"]["units"]
-    assert [n["network"] for n in comp] == ["ResNet-50 + torch.compile"] and comp[0]["step_ms"] > 0
+    comp = parts["compile-d121"]["data"]["units"]
+    assert [n["network"] for n in comp] == ["DenseNet-121 + torch.compile"] and comp[0]["step_ms"] > 0
     assert comp[0].get("saved_bytes") is None  # a compiled graph's saved tensors are not eager autograd's
     from benchmarks.networks import format_networks
 
-    assert "ResNet-50 + torch.compile" in format_networks(comp + nets)
-    assert parts["compile-d121"]["data"]["units"] == []  # filtered out by --networks
+    assert "DenseNet-121 + torch.compile" in format_networks(comp + nets)
+    assert parts["compile-r50"]["data"]["units"] == []  # filtered out by --networks
 
     md = (out / "RESULTS.md").read_text()
     assert md.count("<!-- gpu-session ") == 1 and "NOT measurements" in md
