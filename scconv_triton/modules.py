@@ -6,6 +6,8 @@ it runs the fused Triton path when ``backend.resolve`` says so, else the referen
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import reference as ref
@@ -60,8 +62,11 @@ def fused_inputs(module: torch.nn.Module, x: torch.Tensor, *params: torch.Tensor
 
 
 def _no_autocast(x: torch.Tensor):
-    """The kernels run in the dtype fused_inputs chose; autocast must not re-cast inside."""
-    return torch.autocast(x.device.type, enabled=False)
+    """The kernels run in the dtype fused_inputs chose; autocast must not re-cast inside.
+    Outside autocast nothing to switch off (entering torch.autocast costs host time)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _Fused:
