@@ -6,6 +6,7 @@ implementation the user picks.
 """
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass
 
@@ -56,6 +57,9 @@ def check_sru(channels, group_num, gate_treshold, gate: str | None = "soft") -> 
     _require(gate is None or gate in GATES, f"gate must be one of {GATES}, got {gate!r}")
 
 
+_BY_CODE: dict = {}
+
+
 @dataclass(frozen=True)
 class SRUMath:
     """One point of the SRU's switch space; ``code`` is the int the fused path carries.
@@ -76,15 +80,18 @@ class SRUMath:
         # the soft rule's weights already contain r; it is defined on x only
         _require(self.mask != "soft" or self.operand == "x", "the soft mask rule multiplies x (operand='x')")
 
-    @property
+    @functools.cached_property
     def code(self) -> int:
         return MASKS.index(self.mask) + 4 * OPERANDS.index(self.operand) + 16 * WEIGHTINGS.index(self.weighting)
 
     @classmethod
     def from_code(cls, code) -> "SRUMath":
         code = int(code)
-        _require(0 <= code < 32 and code % 16 // 4 < len(OPERANDS), f"not an SRU math code: {code}")
-        return cls(WEIGHTINGS[code // 16], MASKS[code % 4], OPERANDS[code % 16 // 4])
+        m = _BY_CODE.get(code)  # the forward and backward decode it on every call: a dict hit
+        if m is None:
+            _require(0 <= code < 32 and code % 16 // 4 < len(OPERANDS), f"not an SRU math code: {code}")
+            m = _BY_CODE[code] = cls(WEIGHTINGS[code // 16], MASKS[code % 4], OPERANDS[code % 16 // 4])
+        return m
 
     @property
     def binary(self) -> bool:
