@@ -140,13 +140,13 @@ def _wfac(gam, wn, SOFTMAX: tl.constexpr):
 
 @triton.jit
 def _mask1(r, wg, tau, MASK: tl.constexpr):
-    """M1 as 0/1 of a [BC, BP] tile: [r > tau] (1), [r >= tau] (2), per channel [w > tau] (3)."""
+    """M1 as 0/1 for a [BC, BP] tile: [r > tau] (1), [r >= tau] (2), per channel [w > tau] (3)."""
     if MASK == 1:
         return tl.where(r > tau, 1.0, 0.0)
     elif MASK == 2:
         return tl.where(r >= tau, 1.0, 0.0)
     else:
-        return tl.zeros_like(r) + tl.where(wg > tau, 1.0, 0.0)[:, None]
+        return tl.where(wg > tau, 1.0, 0.0)[:, None]  # [BC, 1]: broadcast, not a tile in registers
 
 
 @triton.jit

@@ -119,9 +119,13 @@ def test_every_kernel_and_variant_is_covered(aot_results):
         for k, v in s.constexprs.items():
             if isinstance(v, bool):
                 flags.setdefault((s.target(), k), set()).add(v)
-    for name in ("HARD", "FLAT", "FP64", "TORCH_GN", "PAIRWISE", "HAS_LOW"):
+    for name in ("SOFTMAX", "FLAT", "FP64", "TORCH_GN", "PAIRWISE", "HAS_LOW"):
         seen = {v for (t, k), vals in flags.items() if k == name for v in vals}
         assert seen == {True, False}, f"constexpr {name} only compiled as {seen}"
+    # the SRU's mask rule and operand (every upstream revision, and the 2023-10 hard gate)
+    for name, values in (("MASK", {0, 1, 2, 3}), ("ON", {0, 1, 2})):
+        seen = {s.constexprs[name] for s in specs if name in s.constexprs}
+        assert seen == values, f"constexpr {name} only compiled as {seen}"
 
 
 def test_specialisation_matches_the_jit():
