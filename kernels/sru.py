@@ -48,7 +48,7 @@ from ._launch import (
     target_programs,
 )
 
-__all__ = ["sru_stats", "sru_apply", "sru_backward", "aot_specs"]
+__all__ = ["sru_stats", "sru_apply", "sru_backward"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -699,108 +699,3 @@ def sru_backward(ds: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: to
             BC=bc, BP=bp, BLOCK_W=bw, num_warps=warps,
         )
     return dx, dweight, dbias
-
-
-# ----------------------------------------------------------------------------------------
-# ahead-of-time compilation specs (tests/test_aot.py)
-# ----------------------------------------------------------------------------------------
-def aot_specs():
-    """Specialisations the launchers use at N=2, C=64 (16 groups), 56x56: fp32 NCHW and bf16
-    channels_last (tiles and warps from the launchers' own choices); fp32 for the N x G and
-    C-sized kernels plus a bf16-weight variant of those that read / write the weight.
-    Strides equal to 1 are constexpr, as the JIT specialises them.
-    """
-    from scconv_triton.testing import AotSpec
-
-    N, C, G, H, W = 2, 64, 16, 56, 56
-    CG, HW = C // G, H * W
-    tdt = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-    specs = []
-    for dtype, cl in ((torch.float32, False), (torch.bfloat16, True)):
-        x = torch.empty((N, C, H, W), device="meta", dtype=dtype)
-        if cl:
-            x = x.to(memory_format=torch.channels_last)
-        xt = f"*{tdt[dtype]}"
-        unit = "c" if cl else "w"
-
-        def strides(*prefixes):
-            sig, const = {}, {}
-            for pre in prefixes:
-                sig.update({f"{pre}_n": "i32", f"{pre}_c": "i32", f"{pre}_h": "i32", f"{pre}_w": "i32"})
-                sig[f"{pre}_{unit}"] = "constexpr"
-                const[f"{pre}_{unit}"] = 1
-            return sig, const
-
-        bj, bpj, wj = stream_tiles(x, CG, HW, scale=2)
-        bc, bp, wa = stream_tiles(x, C // 2, HW)
-        bw = _block_w(C)
-        sig, const = strides("sx")
-        specs.append(AotSpec(
-            _sru_stats_partial_kernel,
-            {"x_ptr": xt, "part_ptr": "*fp32", "W": "i32", "HW": "i32", "G": "i32", "CG": "i32",
-             **sig, "TILES_PER_PROG": "i32", "SPLIT": "i32",
-             "FLAT": "constexpr", "FP64": "constexpr", "BJ": "constexpr", "BP": "constexpr"},
-            {**const, "FLAT": True, "FP64": False, "BJ": bj, "BP": bpj}, num_warps=wj,
-        ))
-        common = {"C": "i32", "HALF": "i32", "W": "i32", "HW": "i32", "G": "i32", "CG": "i32"}
-        sig, const = strides("sx", "so")
-        specs.append(AotSpec(
-            _sru_apply_kernel,
-            {"x_ptr": xt, "out_ptr": xt, "mean_ptr": "*fp64", "rstd_ptr": "*fp32", "w_ptr": xt, "b_ptr": xt,
-             "wsum_ptr": "*fp32", **common, **sig,
-             "tau_hi": "fp32", "tau_lo": "fp32", "N_CB": "i32", "N_PB": "i32",
-             "HARD": "constexpr", "FLAT": "constexpr", "FP64": "constexpr", "HAS_WSUM": "constexpr",
-             "BC": "constexpr", "BP": "constexpr", "BLOCK_W": "constexpr"},
-            {**const, "HARD": False, "FLAT": True, "FP64": False, "HAS_WSUM": True, "BC": bc, "BP": bp,
-             "BLOCK_W": bw}, num_warps=wa,
-        ))
-        sig, const = strides("sx", "sd")
-        specs.append(AotSpec(
-            _sru_bwd_partial_kernel,
-            {"x_ptr": xt, "ds_ptr": xt, "p_ptr": "*fp32", "q_ptr": "*fp32", "mean_ptr": "*fp64",
-             "rstd_ptr": "*fp32", "w_ptr": xt, "b_ptr": xt, **common, **sig,
-             "tau_hi": "fp32", "tau_lo": "fp32", "N_CB": "i32", "SPLIT": "i32", "PB_PER_PROG": "i32",
-             "FLAT": "constexpr", "FP64": "constexpr", "BC": "constexpr", "BP": "constexpr",
-             "BLOCK_W": "constexpr"},
-            {**const, "FLAT": True, "FP64": False, "BC": bc, "BP": bp, "BLOCK_W": bw}, num_warps=wa,
-        ))
-        specs.append(AotSpec(
-            _sru_bwd_reduce_kernel,
-            {"p_ptr": "*fp32", "q_ptr": "*fp32", "w_ptr": xt, "b_ptr": xt, "a_ptr": "*fp32",
-             "bsum_ptr": "*fp32", "dbias_ptr": xt, "xg_ptr": "*fp32", "t_ptr": "*fp32", "wsum_ptr": "*fp32",
-             "N": "i32", "C": "i32", "G": "i32", "CG": "i32", "SPLIT": "i32",
-             "FP64": "constexpr", "BG": "constexpr", "BJ": "constexpr", "BR": "constexpr",
-             "BCR": "constexpr", "BLOCK_W": "constexpr"},
-            {"FP64": False, "BG": min(np2(G), max(1, 256 // min(np2(CG), 64))), "BJ": min(np2(CG), 64),
-             "BR": 8, "BCR": min(np2(C), 128), "BLOCK_W": bw},
-            num_warps=NUM_WARPS,
-        ))
-        specs.append(AotSpec(
-            _sru_bwd_finalize_kernel,
-            {"xg_ptr": "*fp32", "t_ptr": "*fp32", "w_ptr": xt, "dw_ptr": xt, "C": "i32", "NT": "i32",
-             "FP64": "constexpr", "BLOCK_T": "constexpr", "BLOCK_W": "constexpr"},
-            {"FP64": False, "BLOCK_T": 1, "BLOCK_W": bw}, num_warps=NUM_WARPS,
-        ))
-        sig, const = strides("sx", "sd", "sg")
-        for hard in (False, True):
-            specs.append(AotSpec(
-                _sru_bwd_dx_kernel,
-                {"x_ptr": xt, "ds_ptr": xt, "dx_ptr": xt, "mean_ptr": "*fp64", "rstd_ptr": "*fp32",
-                 "w_ptr": xt, "b_ptr": xt, "a_ptr": "*fp32", "bsum_ptr": "*fp32", "wsum_ptr": "*fp32",
-                 **common, "M": "i32", "eps_hi": "fp32", "eps_lo": "fp32", **sig,
-                 "tau_hi": "fp32", "tau_lo": "fp32", "N_CB": "i32", "N_PB": "i32",
-                 "HARD": "constexpr", "TORCH_GN": "constexpr", "FLAT": "constexpr", "FP64": "constexpr",
-                 "HAS_WSUM": "constexpr", "BC": "constexpr", "BP": "constexpr", "BLOCK_W": "constexpr"},
-                {**const, "HARD": hard, "TORCH_GN": not cl, "FLAT": True, "FP64": False, "HAS_WSUM": not hard,
-                 "BC": bc, "BP": bp, "BLOCK_W": bw}, num_warps=wa,
-            ))
-    specs.append(AotSpec(
-        _sru_stats_merge_kernel,
-        {"part_ptr": "*fp32", "mean_ptr": "*fp64", "rstd_ptr": "*fp32", "w_ptr": "*fp32", "wsum_ptr": "*fp32",
-         "NG": "i32", "SPLIT": "i32", "M": "i32", "eps_hi": "fp32", "eps_lo": "fp32", "C": "i32",
-         "TORCH_GN": "constexpr", "FP64": "constexpr", "BLOCK": "constexpr", "WRITE_WSUM": "constexpr",
-         "BLOCK_W": "constexpr"},
-        {"TORCH_GN": True, "FP64": False, "BLOCK": min(np2(N * G), 256), "WRITE_WSUM": True,
-         "BLOCK_W": _block_w(C)}, num_warps=NUM_WARPS,
-    ))
-    return specs
