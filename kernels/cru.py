@@ -37,7 +37,6 @@ __all__ = [
     "cru_combine_bwd",
     "cru_dsq",
     "cru_wgrad",
-    "aot_specs",
 ]
 
 
@@ -568,66 +567,3 @@ def cru_wgrad(dwm, groups: int):
         BLOCK=_WBLOCK, num_warps=NUM_WARPS,
     )
     return dg, d1
-
-
-# ----------------------------------------------------------------------------- AOT
-def aot_specs():
-    """Specialisations the launchers use on a GPU, for test_aot: fp32 with the NCHW
-    tiles and bf16 with the channels_last tiles (channel softmax)."""
-    from scconv_triton.testing import AotSpec
-
-    from ._launch import _CHW_TILES as _CHW
-
-    def sig(names, types):
-        return dict(zip(names, types))
-
-    specs = []
-    for dt, cl in (("fp32", False), ("bf16", True)):
-        ebc, ebhw = _CHW[(cl, False)]
-        lbc, lbhw = _CHW[(cl, True)]
-        p = "*" + dt
-        f = "*fp32"  # statistics (m, A, dA) are fp32 for fp32 and 16-bit inputs
-        i32 = "i32"
-        strides4 = [i32] * 4
-        # weights
-        names = ["wg_ptr", "w1_ptr", "wq1_ptr", "wq2_ptr", "wm_ptr", "wsq_ptr",
-                 "C", "CIN", "CIG", "COG", "KS", "U", "USQ", "QIN", "TOTAL1", "TOTAL2", "GROUPED",
-                 "swg_o", "swg_i", "swg_h", "swg_w", "sw1_o", "sw1_i",
-                 "swm_o", "swm_i", "swm_h", "swm_w", "sq1_o", "sq1_i", "sq2_o", "sq2_i",
-                 "BLOCK", "F64"]
-        types = [p] * 6 + [i32] * 11 + [i32] * 14 + ["constexpr"] * 2
-        specs.append(AotSpec(_cru_weights_kernel, sig(names, types), {"BLOCK": _WBLOCK, "F64": False}, NUM_WARPS))
-        act = ["n", "c", "h", "w"]
-        # pool (NCHW tiles) and combine (channels_last tiles)
-        zsum = ["do_ptr", "y1_ptr", "p2_ptr", "id_ptr", "out_ptr", "C", "P", "Wo", "HW"] + \
-            [f"s{t}_{a}" for t in "dypi" for a in act] + ["WEIGHTED", "BLOCK_C", "BLOCK_HW", "F64"]
-        ztypes = [p, p, p, p, f] + [i32] * 4 + strides4 * 4 + ["constexpr"] * 4
-        specs.append(AotSpec(_cru_zsum_kernel, sig(zsum, ztypes),
-                             {"WEIGHTED": False, "BLOCK_C": lbc, "BLOCK_HW": lbhw, "F64": False}, NUM_WARPS))
-        names = ["y1_ptr", "p2_ptr", "id_ptr", "m_ptr", "out_ptr", "a_ptr", "C", "P", "Wo", "HW"] + \
-            [f"s{t}_{a}" for t in "ypio" for a in act] + ["C_ITERS", "PAIRWISE", "BLOCK_C", "BLOCK_HW", "BLOCK_M", "F64"]
-        types = [p, p, p, f, p, f] + [i32] * 4 + strides4 * 4 + [i32] + ["constexpr"] * 5
-        specs.append(AotSpec(_cru_combine_kernel, sig(names, types),
-                             {"PAIRWISE": False, "BLOCK_C": ebc, "BLOCK_HW": ebhw, "BLOCK_M": 1024,
-                              "F64": False},
-                             NUM_WARPS))
-        # backward
-        specs.append(AotSpec(_cru_zsum_kernel, sig(zsum, ztypes),
-                             {"WEIGHTED": True, "BLOCK_C": lbc, "BLOCK_HW": lbhw, "F64": False}, NUM_WARPS))
-        names = ["do_ptr", "a_ptr", "da_ptr", "dy1_ptr", "dp2_ptr", "did_ptr", "C", "P", "Wo", "HW"] + \
-            [f"s{t}_{a}" for t in "dypi" for a in act] + ["C_ITERS", "PAIRWISE", "BLOCK_C", "BLOCK_HW", "BLOCK_M", "F64"]
-        types = [p, f, f, p, p, p] + [i32] * 4 + strides4 * 4 + [i32] + ["constexpr"] * 5
-        specs.append(AotSpec(_cru_combine_bwd_kernel, sig(names, types),
-                             {"PAIRWISE": False, "BLOCK_C": ebc, "BLOCK_HW": ebhw, "BLOCK_M": 1024,
-                              "F64": False},
-                             NUM_WARPS))
-        names = ["du_ptr", "dl_ptr", "di_ptr", "out_ptr", "CU", "CL", "W", "HW", "Wo", "STRIDE"] + \
-            [f"s{t}_{a}" for t in "ulio" for a in act] + ["HAS_LOW", "BLOCK_C", "BLOCK_HW", "F64"]
-        types = [p] * 4 + [i32] * 6 + strides4 * 4 + ["constexpr"] * 4
-        specs.append(AotSpec(_cru_dsq_kernel, sig(names, types),
-                             {"HAS_LOW": True, "BLOCK_C": ebc, "BLOCK_HW": ebhw, "F64": False}, NUM_WARPS))
-        names = ["dwm_ptr", "dg_ptr", "d1_ptr", "CIN", "CIG", "COG", "KS", "TOTAL1", "TOTAL2",
-                 "sm_o", "sm_i", "sm_h", "sm_w", "BLOCK"]
-        types = [p] * 3 + [i32] * 6 + strides4 + ["constexpr"]
-        specs.append(AotSpec(_cru_wgrad_kernel, sig(names, types), {"BLOCK": _WBLOCK}, NUM_WARPS))
-    return specs
