@@ -6,9 +6,8 @@ implementation the user picks.
 """
 from __future__ import annotations
 
-import functools
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 GATES = ("soft", "hard")
 SOFTMAXES = ("channel", "pairwise")
@@ -72,6 +71,7 @@ class SRUMath:
     weighting: str = "sum"
     mask: str = "soft"
     operand: str = "x"
+    code: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         _require(self.weighting in WEIGHTINGS, f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
@@ -79,18 +79,16 @@ class SRUMath:
         _require(self.operand in OPERANDS, f"operand must be one of {OPERANDS}, got {self.operand!r}")
         # the soft rule's weights already contain r; it is defined on x only
         _require(self.mask != "soft" or self.operand == "x", "the soft mask rule multiplies x (operand='x')")
+        # a plain attribute, computed once: the fused forward reads it on every call (and
+        # torch.compile traces through a plain attribute, not a cached_property's lock)
+        code = MASKS.index(self.mask) + 4 * OPERANDS.index(self.operand) + 16 * WEIGHTINGS.index(self.weighting)
+        object.__setattr__(self, "code", code)
 
-    @functools.cached_property
-    def code(self) -> int:
-        return MASKS.index(self.mask) + 4 * OPERANDS.index(self.operand) + 16 * WEIGHTINGS.index(self.weighting)
 
     @classmethod
     def from_code(cls, code) -> "SRUMath":
-        code = int(code)
-        m = _BY_CODE.get(code)  # the forward and backward decode it on every call: a dict hit
-        if m is None:
-            _require(0 <= code < 32 and code % 16 // 4 < len(OPERANDS), f"not an SRU math code: {code}")
-            m = _BY_CODE[code] = cls(WEIGHTINGS[code // 16], MASKS[code % 4], OPERANDS[code % 16 // 4])
+        m = _BY_CODE.get(int(code))  # a lookup in a table filled at import (nothing mutates under tracing)
+        _require(m is not None, f"not an SRU math code: {code!r}")
         return m
 
     @property
@@ -102,6 +100,11 @@ class SRUMath:
     def param_grad(self) -> bool:
         """Whether the SRU passes gradient to gamma and beta (not for binary masks on x)."""
         return not (self.binary and self.operand == "x")
+
+
+_BY_CODE.update(
+    {m.code: m for m in (SRUMath(w, k, o) for w in WEIGHTINGS for k in MASKS for o in OPERANDS if k != "soft" or o == "x")}
+)
 
 
 @dataclass(frozen=True)
