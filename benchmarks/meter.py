@@ -93,6 +93,9 @@ __all__ = [
     "tensor_bytes",
     "install_triton_hooks",
     "triton_hooks_installed",
+    "aten_flops",
+    "memo_triton_launches",
+    "skip_triton_launches",
 ]
 
 aten = torch.ops.aten
@@ -143,8 +146,11 @@ def tensor_bytes(t: torch.Tensor, broadcast: str = "logical") -> int:
 
 def _tensor_key(t: torch.Tensor):
     try:
-        ptr = t.data_ptr()
-    except Exception:  # tensors without storage (meta / functional wrappers)
+        if t.device.type == "meta":  # no data pointer: the storage object identifies the memory
+            ptr = (t.untyped_storage()._cdata, t.storage_offset())
+        else:
+            ptr = t.data_ptr()
+    except Exception:  # tensors without storage (functional wrappers)
         ptr = id(t)
     return (t.device, ptr, tuple(t.shape), tuple(t.stride()), t.dtype)
 
@@ -157,6 +163,14 @@ class Launch:
     kind: str  # "aten" or "triton"
     bytes_read: int = 0
     bytes_written: int = 0
+    flops: int = 0  # matrix FLOPs: torch's FLOP counter (aten) or tl.dot operand shapes (Triton)
+    ew_flops: int = 0  # elementwise float ops of interpreted Triton programs (lanes x ops)
+    mm_kind: str = ""  # "conv", "matmul" or "dot" when flops > 0: which peak applies (floor.py)
+    mm_dtype: str = ""  # dtype of the matrix operands, e.g. "float32"
+
+    def as_list(self) -> list:
+        """Compact JSON form: [name, bytes, flops, ew_flops, mm_kind, mm_dtype]."""
+        return [self.name, self.bytes, self.flops, self.ew_flops, self.mm_kind, self.mm_dtype]
 
     @property
     def bytes(self) -> int:
@@ -202,6 +216,101 @@ def _charge(read: int = 0, written: int = 0) -> None:
             rec.bytes_written += written
 
 
+def _charge_flops(flops: int = 0, ew: int = 0, dtype: str = "") -> None:
+    for m in _ACTIVE:
+        rec = m._current_triton
+        if rec is not None:
+            rec.flops += flops
+            rec.ew_flops += ew
+            if flops and not rec.mm_kind:
+                rec.mm_kind, rec.mm_dtype = "dot", dtype
+
+
+# Interpreter builder methods that do float arithmetic, with the FLOPs one lane
+# costs: the elementwise estimate of a Triton launch is the sum over the calls of
+# lanes x this weight (masked lanes included, as the hardware computes them).
+# Integer ops (index and pointer arithmetic) and comparisons are not counted;
+# transcendentals (exp, log, sqrt, ...) count 1 like an add, which is what the
+# floor's CUDA-core peak (FP32 FMA rate counted as 2) can hold them to only
+# roughly; they never decide a floor here (elementwise work is bytes-bound).
+_EW_OPS = {
+    "create_fadd": 1, "create_fsub": 1, "create_fmul": 1, "create_fdiv": 1, "create_frem": 1,
+    "create_precise_divf": 1, "create_approx_divf": 1, "create_fneg": 1, "create_fma": 2,
+    "create_exp": 1, "create_exp2": 1, "create_log": 1, "create_log2": 1, "create_sqrt": 1,
+    "create_precise_sqrt": 1, "create_rsqrt": 1, "create_sin": 1, "create_cos": 1, "create_erf": 1,
+    "create_minimumf": 1, "create_maximumf": 1, "create_minnumf": 1, "create_maxnumf": 1,
+}
+
+
+def _np_dtype_name(h) -> str:
+    try:
+        return str(h.data.dtype)
+    except Exception:
+        return ""
+
+
+def _is_float_handle(h) -> bool:
+    try:
+        return h.data.dtype.kind == "f"
+    except Exception:
+        return False
+
+
+# ----------------------------------------------------------------------------- launch memo
+# Under ``memo_triton_launches(cache)`` an interpreted launch whose kernel, grid,
+# tensor shapes / strides / dtypes and scalar arguments were seen before is not
+# run again: its counts are copied from the first run. Valid because what a
+# kernel of this project loads and stores (its masks, its loop bounds) depends
+# on those and not on tensor values; the outputs of a skipped launch are left
+# unwritten, so use it for counting only (tests/test_floor.py checks that a
+# fused layer's step counts the same with and without it).
+_MEMO: list = []  # stack of active caches
+
+
+class _Unhashable(Exception):
+    pass
+
+
+def _arg_sig(v):
+    if isinstance(v, torch.Tensor):
+        return ("T", tuple(v.shape), tuple(v.stride()), str(v.dtype))
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return (type(v).__name__, v)
+    if isinstance(v, (tuple, list)):
+        return tuple(_arg_sig(a) for a in v)
+    if hasattr(v, "dtype") and hasattr(v, "__hash__") and type(v).__module__.startswith("triton"):
+        try:
+            hash(v)
+            return ("tl", repr(v))
+        except TypeError:
+            pass
+    raise _Unhashable(type(v).__name__)
+
+
+def _launch_key(executor, args, kwargs):
+    fn = executor.fn
+    grid = executor.grid
+    if callable(grid):
+        cells = tuple(c.cell_contents for c in (getattr(grid, "__closure__", None) or ()))
+        grid = ("callable", getattr(grid, "__code__", id(grid)), _arg_sig(list(cells)))
+    try:
+        return (getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)), _arg_sig(grid),
+                _arg_sig(list(args)), tuple(sorted((k, _arg_sig(v)) for k, v in kwargs.items())))
+    except _Unhashable:
+        return None
+
+
+@contextlib.contextmanager
+def memo_triton_launches(cache: dict | None = None):
+    """Count repeated identical interpreted launches once (see _MEMO above); yields the cache."""
+    cache = {} if cache is None else cache
+    _MEMO.append(cache)
+    try:
+        yield cache
+    finally:
+        _MEMO.pop()
+
+
 def install_triton_hooks() -> bool:
     """Wrap the Triton interpreter's launch, loads and stores (idempotent).
 
@@ -226,6 +335,9 @@ def install_triton_hooks() -> bool:
     orig_call = executor_cls.__call__
     orig_rmw = getattr(builder_cls, "create_atomic_rmw", None)
     orig_cas = getattr(builder_cls, "create_atomic_cas", None)
+    orig_dot = getattr(builder_cls, "create_dot", None)
+    reduce_cls = getattr(interp, "ReduceOps", None)
+    orig_reduce = getattr(reduce_cls, "apply_impl", None) if reduce_cls is not None else None
 
     def create_masked_load(self, ptrs, mask, *args, **kwargs):
         if _ACTIVE and _TRITON_DEPTH:
@@ -249,6 +361,30 @@ def install_triton_hooks() -> bool:
             _charge(read=b, written=b)
         return orig_cas(self, ptr, *args, **kwargs)
 
+    def create_dot(self, a, b, *args, **kwargs):
+        if _ACTIVE and _TRITON_DEPTH:
+            # (..., M, K) @ (..., K, N): 2*M*N*K per batch entry, on the whole
+            # operand blocks (masked-out lanes are multiplied too)
+            ad, bd = a.data, b.data
+            _charge_flops(flops=2 * int(ad.size) * int(bd.shape[-1]), dtype=_np_dtype_name(a))
+        return orig_dot(self, a, b, *args, **kwargs)
+
+    def ew_hook(orig, weight):
+        def hooked(self, *args, **kwargs):
+            out = orig(self, *args, **kwargs)
+            if _ACTIVE and _TRITON_DEPTH and _is_float_handle(out):
+                _charge_flops(ew=weight * int(out.data.size))
+            return out
+
+        return hooked
+
+    def reduce_apply(self, input, *args, **kwargs):
+        if _ACTIVE and _TRITON_DEPTH:
+            h = getattr(input, "handle", None)
+            if h is not None and _is_float_handle(h):
+                _charge_flops(ew=int(h.data.size))  # one combine per element reduced
+        return orig_reduce(self, input, *args, **kwargs)
+
     def __call__(self, *args, **kwargs):
         global _TRITON_DEPTH
         if not _ACTIVE:
@@ -262,6 +398,14 @@ def install_triton_hooks() -> bool:
                     m.launches.append(rec)
                     m._current_triton = rec
                     recs.append(m)
+        key = _launch_key(self, args, kwargs) if (_MEMO and recs) else None
+        if key is not None and key in _MEMO[-1]:
+            for m in recs:
+                cached = _MEMO[-1][key]
+                rec = m._current_triton
+                rec.bytes_read, rec.bytes_written, rec.flops, rec.ew_flops, rec.mm_kind, rec.mm_dtype = cached
+                m._current_triton = None
+            return None
         _TRITON_DEPTH += 1
         try:
             return orig_call(self, *args, **kwargs)
@@ -269,10 +413,22 @@ def install_triton_hooks() -> bool:
             _TRITON_DEPTH -= 1
             if _TRITON_DEPTH == 0:
                 for m in recs:
+                    rec = m._current_triton
+                    if key is not None and rec is not None:
+                        _MEMO[-1][key] = (rec.bytes_read, rec.bytes_written, rec.flops, rec.ew_flops,
+                                          rec.mm_kind, rec.mm_dtype)
                     m._current_triton = None
 
     builder_cls.create_masked_load = create_masked_load
     builder_cls.create_masked_store = create_masked_store
+    if orig_dot is not None:
+        builder_cls.create_dot = create_dot
+    for nm, weight in _EW_OPS.items():
+        orig = getattr(builder_cls, nm, None)
+        if orig is not None:
+            setattr(builder_cls, nm, ew_hook(orig, weight))
+    if orig_reduce is not None:
+        reduce_cls.apply_impl = reduce_apply
     if orig_rmw is not None:
         builder_cls.create_atomic_rmw = create_atomic_rmw
     if orig_cas is not None:
@@ -282,7 +438,8 @@ def install_triton_hooks() -> bool:
     # the class (it does not in 3.x); make sure it sees the hooks.
     inst = getattr(interp, "interpreter_builder", None)
     if inst is not None:
-        for nm in ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas"):
+        for nm in ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas",
+                   "create_dot", *_EW_OPS):
             if nm in vars(inst):
                 delattr(inst, nm)
     _HOOKS["installed"] = True
@@ -355,6 +512,30 @@ class _CountingMode(TorchDispatchMode):
             self.meter._opaque -= 1
         self.meter._record_aten(func, args, kwargs, out)
         return out
+
+
+def aten_flops(func, args, kwargs, out):
+    """(FLOPs, "conv" | "matmul" | "", operand dtype) of one aten op, by torch's FLOP counter.
+
+    The formulas are ``torch.utils.flop_counter``'s registry (convolutions and their
+    backward, mm / addmm / bmm / baddbmm, attention), evaluated on the op's shapes
+    exactly as ``FlopCounterMode`` does; every other op counts 0 FLOPs there (and
+    here): elementwise and reduction ops are charged their bytes only.
+    """
+    try:
+        from torch.utils.flop_counter import flop_registry
+    except Exception:  # pragma: no cover - torch without a FLOP counter
+        return 0, "", ""
+    packet = getattr(func, "_overloadpacket", None)
+    f = flop_registry.get(packet)
+    if f is None:
+        return 0, "", ""
+    flops = int(f(*args, **kwargs, out_val=out))
+    name = _base_name(func)
+    kind = "conv" if "conv" in name else "matmul"
+    t = next((a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor) and a.is_floating_point()),
+             None)
+    return flops, kind, (str(t.dtype).replace("torch.", "") if t is not None else "")
 
 
 def _base_name(func) -> str:
@@ -461,12 +642,14 @@ class Meter:
                     writes[_tensor_key(t)] = t
         if not reads and not writes and not isinstance(out, torch.Tensor):
             return  # touched no tensor (e.g. a scalar query)
+        flops, kind, dt = aten_flops(func, args, kwargs, out)
         self.launches.append(
             Launch(
                 str(func).replace("aten.", "", 1) if str(func).startswith("aten.") else str(func),
                 "aten",
                 sum(tensor_bytes(t, self.broadcast) for t in reads.values()),
                 sum(tensor_bytes(t, self.broadcast) for t in writes.values()),
+                flops=flops, mm_kind=kind, mm_dtype=dt,
             )
         )
 
@@ -486,6 +669,14 @@ class Meter:
     @property
     def total_bytes(self) -> int:
         return self.bytes_read + self.bytes_written
+
+    @property
+    def flops(self) -> int:
+        return sum(r.flops for r in self.launches)
+
+    @property
+    def ew_flops(self) -> int:
+        return sum(r.ew_flops for r in self.launches)
 
     def by_kind(self, kind: str) -> list[Launch]:
         return [r for r in self.launches if r.kind == kind]
@@ -575,7 +766,10 @@ def measure_step(module, x: torch.Tensor, *, grad: torch.Tensor | None = None, w
     ``fwd_triton_launches`` / ``bwd_triton_launches``, ``saved_bytes`` (besides
     the input and the module's parameters and buffers), ``saved_S``,
     ``saved_param_bytes`` (parameters and buffers, e.g. running statistics),
-    ``saved_input_bytes``; with ``keep_meters`` also the meters themselves
+    ``saved_input_bytes``, ``fwd_flops`` / ``bwd_flops`` (matrix FLOPs: torch's FLOP
+    counter and tl.dot), ``fwd_ew_flops`` / ``bwd_ew_flops`` (elementwise float ops of
+    Triton programs), ``fwd_launch_list`` / ``bwd_launch_list`` (per launch
+    ``Launch.as_list()``, what benchmarks/floor.py prices); with ``keep_meters`` also the meters themselves
     (``fwd_meter``, ``bwd_meter``).
     """
     params = list(module.parameters()) + list(module.buffers())  # module state, not activations
@@ -612,6 +806,12 @@ def measure_step(module, x: torch.Tensor, *, grad: torch.Tensor | None = None, w
         "saved_S": saved.bytes / S,
         "saved_param_bytes": saved.groups["params"],
         "saved_input_bytes": saved.groups["input"],
+        "fwd_flops": fwd.flops,
+        "bwd_flops": bwd.flops,
+        "fwd_ew_flops": fwd.ew_flops,
+        "bwd_ew_flops": bwd.ew_flops,
+        "fwd_launch_list": [r.as_list() for r in fwd.launches],
+        "bwd_launch_list": [r.as_list() for r in bwd.launches],
     }
     if keep_meters:
         res["fwd_meter"] = fwd

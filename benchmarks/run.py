@@ -58,11 +58,20 @@ elif not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-from benchmarks.meter import measure_step, tensor_bytes  # noqa: E402
+from benchmarks.floor import DEFAULT_GPU, Roofline, detect_gpu, extrapolate_launches, find_gpu  # noqa: E402
+from benchmarks.meter import measure_step, memo_triton_launches, tensor_bytes  # noqa: E402
 
 IMPLS = ("reference", "compile", "ours", "ours-rc", "conv+bn")
 COUNT_KEYS = ("fwd_launches", "fwd_bytes", "bwd_launches", "bwd_bytes", "saved_bytes",
-              "fwd_triton_launches", "bwd_triton_launches")
+              "fwd_triton_launches", "bwd_triton_launches", "fwd_flops", "bwd_flops", "fwd_ew_flops",
+              "bwd_ew_flops")
+LIST_KEYS = ("fwd_launch_list", "bwd_launch_list")  # per launch, what the floor prices
+#: Batch the floor columns are computed at on a CPU (on a GPU: the timing batch).
+CPU_FLOOR_BATCH = 64
+# One process-wide memo of interpreted Triton launches (meter.memo_triton_launches):
+# the CRU weight kernels, the forward of ours-rc and the layers the whole networks
+# share with the per-layer rows are interpreted once.
+_LAUNCH_MEMO: dict = {}
 
 # ----------------------------------------------------------------------------- shapes
 # (name, in channels, out channels, input H=W, stride)
@@ -147,29 +156,66 @@ def _err(e: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- counting
-def count_row(impl, cin, cout, h, stride, batch, dtype=torch.float32, channels_last=False, warmup=0):
+def count_row(impl, cin, cout, h, stride, batch, dtype=torch.float32, channels_last=False, warmup=0, memo=True):
     """Counted columns of one row on the CPU (the interpreter for Triton).
 
     No warm-up step by default: the interpreter has no compile cache, and an
     eager or interpreted step counts the same the first time (checked by
     tests/test_bench_run.py); a warm-up would double the interpreter's time.
+    ``memo``: repeated identical Triton launches are interpreted once per process
+    (meter.memo_triton_launches; same counts, checked by tests/test_floor.py).
     """
+    import contextlib
+    import warnings
+
+    import numpy as np
+
     mod = _to(build(impl, cin, cout, stride), "cpu", dtype, channels_last)
     x = _input(batch, cin, h, "cpu", dtype, channels_last)
-    r = measure_step(mod, x, warmup=warmup)
-    return {k: r[k] for k in COUNT_KEYS + ("S", "out_bytes")}
+    ctx = memo_triton_launches(_LAUNCH_MEMO) if memo else contextlib.nullcontext()
+    # a memoised launch leaves its outputs unwritten: later kernels may see NaNs
+    with ctx, np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        r = measure_step(mod, x, warmup=warmup)
+    out = {k: r[k] for k in COUNT_KEYS + LIST_KEYS + ("S", "out_bytes")}
+    if impl != "conv+bn":
+        out["layer_repr"] = repr(mod)
+    return out
 
 
-def extrapolate(c1: dict, c2: dict, n: int) -> dict:
-    """Counts at batch 1 and 2 -> counts at batch n (bytes affine in n, launches constant)."""
+def extrapolate(c1: dict, c2: dict, n: int, b1: int = 1, b2: int = 2) -> dict:
+    """Counts at batches b1 and b2 -> counts at batch n (bytes and FLOPs affine in n, launches constant;
+    the per-launch lists extrapolated launch by launch)."""
     out = {}
     for k, v1 in c1.items():
         v2 = c2[k]
-        if k.endswith("_bytes") or k == "S":
-            out[k] = int(round(v1 + (n - 1) * (v2 - v1)))
+        if k in LIST_KEYS:
+            out[k] = extrapolate_launches(v1, v2, n, b1, b2)
+        elif k.endswith("_bytes") or k.endswith("_flops") or k == "S":
+            out[k] = int(round(v1 + (n - b1) * (v2 - v1) / (b2 - b1)))
         else:
             out[k] = v2
     return out
+
+
+def row_floor(c1: dict, c2: dict | None, n: int, roofline: Roofline, b1: int = 1, b2: int = 2) -> dict:
+    """Floor columns of one row at batch n from counts at b1 (and b2; without it, n must be b1)."""
+    if c2 is None:
+        if n != b1:
+            raise ValueError("a floor at another batch than the counted one needs counts at two batches")
+        fl, bl = c1["fwd_launch_list"], c1["bwd_launch_list"]
+    else:
+        fl = extrapolate_launches(c1["fwd_launch_list"], c2["fwd_launch_list"], n, b1, b2)
+        bl = extrapolate_launches(c1["bwd_launch_list"], c2["bwd_launch_list"], n, b1, b2)
+    pf, pb = roofline.price(fl), roofline.price(bl)
+    return {
+        "floor_batch": n,
+        "floor_fwd_flops": sum(ln[2] for ln in fl), "floor_bwd_flops": sum(ln[2] for ln in bl),
+        "floor_fwd_ms": pf["s"] * 1e3, "floor_bwd_ms": pb["s"] * 1e3, "floor_ms": (pf["s"] + pb["s"]) * 1e3,
+        "floor_bytes_ms": (pf["bytes_s"] + pb["bytes_s"]) * 1e3,
+        "floor_flops_ms": (pf["flops_s"] + pb["flops_s"]) * 1e3,
+        "floor_launch_ms": (pf["launch_s"] + pb["launch_s"]) * 1e3,
+    }
 
 
 def count_subprocess(shapes, impls, batches, dtype_name, channels_last, timeout=3600):
@@ -283,8 +329,11 @@ def _f(v, fmt):
 
 def format_table(rows, show_times: bool) -> str:
     hdr = ["layer", "impl", "fwd L", "fwd S", "fwd MiB", "bwd L", "bwd S", "bwd MiB", "saved S", "saved MiB"]
+    show_floor = any(r.get("floor_ms") is not None for r in rows)
+    if show_floor:
+        hdr += ["GF fwd", "GF bwd", "floor fwd", "floor bwd", "floor f+b"]
     if show_times:
-        hdr += ["fwd ms", "bwd ms", "f+b ms", "GB/s", "%copy", "peak MiB"]
+        hdr += ["fwd ms", "bwd ms", "f+b ms", "GB/s", "%copy", "peak MiB"] + (["%floor"] if show_floor else [])
     lines = []
     for r in rows:
         if r.get("error"):
@@ -306,10 +355,17 @@ def format_table(rows, show_times: bool) -> str:
                  tl("fwd_launches") or "-", _f(s("fwd_bytes"), ".1f"), _f(m("fwd_bytes"), ".1f"),
                  tl("bwd_launches") or "-", _f(s("bwd_bytes"), ".1f"), _f(m("bwd_bytes"), ".1f"),
                  _f(s("saved_bytes"), ".2f"), _f(m("saved_bytes"), ".2f")]
+        gf = lambda k: None if r.get(k) is None else r[k] / 1e9  # noqa: E731
+        if show_floor:
+            cells += [_f(gf("floor_fwd_flops"), ".2f"), _f(gf("floor_bwd_flops"), ".2f"),
+                      _f(r.get("floor_fwd_ms"), ".3f"), _f(r.get("floor_bwd_ms"), ".3f"),
+                      _f(r.get("floor_ms"), ".3f")]
         if show_times:
             cells += [_f(r.get("fwd_ms"), ".3f"), _f(r.get("bwd_ms"), ".3f"), _f(r.get("fwdbwd_ms"), ".3f"),
                       _f(r.get("gbps"), ".0f"), _f(r.get("copy_frac") and 100 * r["copy_frac"], ".0f"),
                       _f(m("peak_bytes"), ".1f")]
+            if show_floor:
+                cells += [_f(r.get("pct_floor"), ".0f")]
         lines.append(cells)
     widths = [len(h) for h in hdr]
     for cells in lines:
@@ -399,6 +455,15 @@ def parse_args(argv=None):
                    help="whole-network saved bytes, reference and fused (benchmarks/networks.py; default on)")
     p.add_argument("--net-batch", type=int, default=2, help="with --networks: batch (default 2)")
     p.add_argument("--net-size", type=int, default=224, help="with --networks: image size (default 224)")
+    p.add_argument("--gpu", default=None,
+                   help="card the roofline floor is computed for (benchmarks/floor.py GPUS: H100-SXM, H200, "
+                        "A100-80GB, A100-40GB, L4, RTX-4090, RTX-3090, H100-PCIe); default: H100-SXM on a CPU, "
+                        "the detected card (with the measured copy bandwidth) on a GPU")
+    p.add_argument("--floor-batch", type=int, default=None,
+                   help=f"batch of the FLOPs and floor columns (default: the timing batch on a GPU, "
+                        f"{CPU_FLOOR_BATCH} on a CPU; counts at two batches are extrapolated per launch)")
+    p.add_argument("--net-floor", action=argparse.BooleanOptionalAction, default=True,
+                   help="whole-network roofline floor at the study's batch sizes (default on)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--count-only", metavar="PATH", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -406,6 +471,57 @@ def parse_args(argv=None):
 
 def _shape_key(cin, cout, h, s):
     return f"{cin}:{cout}@{h}/{s}"
+
+
+def _floor_gpu(args, device):
+    """(GPU of the floor, detected?): --gpu if given; on a GPU the detected card; else the default."""
+    if args.gpu:
+        return find_gpu(args.gpu), False
+    if device == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        g = detect_gpu(torch.cuda.get_device_name(0), props.total_memory)
+        if g is not None:
+            return g, True
+        print(f"floor: {torch.cuda.get_device_name(0)} is not in benchmarks/floor.py's table; pricing on "
+              f"{DEFAULT_GPU} with the measured copy bandwidth", file=sys.stderr)
+        return find_gpu(DEFAULT_GPU), True
+    return find_gpu(DEFAULT_GPU), False
+
+
+def _layer_counter(counts, args, in_process, prog):
+    """layer_counts(keys) for networks.count_networks: fused ("ours") layer counts at batches 1 and 2,
+    reusing the per-layer rows' counts and counting the others once (in a CPU subprocess on a GPU machine)."""
+    dtype = DTYPES[args.dtype]
+
+    def layer_counts(keys):
+        out, todo = {}, []
+        for key in keys:
+            cin, cout, h, s = key
+            sk = _shape_key(cin, cout, h, s)
+            have = {b: counts.get((sk, "ours", b)) for b in (1, 2)}
+            if all(v is not None for v in have.values()):
+                out[key] = have
+            else:
+                todo.append(key)
+        if todo and in_process:
+            for key in todo:
+                cin, cout, h, s = key
+                out[key] = {}
+                for b in (1, 2):
+                    try:
+                        out[key][b] = count_row("ours", cin, cout, h, s, b, dtype, args.channels_last)
+                    except Exception as e:
+                        out[key][b] = {"error": _err(e)}
+                    if not args.quiet:
+                        print(f"[network floor] counted layer {_shape_key(*key)} N={b}", file=sys.stderr)
+        elif todo:
+            shapes = [(_shape_key(*k), *k) for k in todo]
+            raw = count_subprocess(shapes, ["ours"], [1, 2], args.dtype, args.channels_last)
+            for key in todo:
+                out[key] = {b: raw[f"{_shape_key(*key)}|ours|{b}"] for b in (1, 2)}
+        return out
+
+    return layer_counts
 
 
 def run(args, tools=None, compile_fn=None, stream=None) -> dict:
@@ -430,9 +546,14 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
     if args.count_batches:
         cbatches = [int(b) for b in args.count_batches.split(",")]
     else:
-        cbatches = [batch] if (device == "cpu" or interp) else [1, 2]
+        # on a CPU, batch 1 and 2: the floor columns extrapolate per launch from two batches
+        cbatches = ([1, 2] if batch <= 2 else [batch]) if (device == "cpu" or interp) else [1, 2]
     count_in_process = device == "cpu" or interp
     countable = [i for i in impls if i != "compile"]
+    floor_batch = args.floor_batch or (batch if device == "cuda" else CPU_FLOOR_BATCH)
+    if len(cbatches) < 2:
+        floor_batch = cbatches[0]  # one counted batch: no per-launch extrapolation
+    gpu, detected = _floor_gpu(args, device)
 
     t_start = time.perf_counter()
     n_steps = (0 if args.no_count else len(shapes) * len(countable) * (len(cbatches) if count_in_process else 0))
@@ -475,6 +596,7 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
         copy_bw = tools.copy_bandwidth()
         prog.step(f"copy bandwidth {copy_bw:.0f} GB/s")
 
+    roofline = Roofline(gpu, bandwidth_gbps=copy_bw if detected else None, dtype=str(dtype).replace("torch.", ""))
     rows = []
     for name, cin, cout, h, s in shapes:
         sk = _shape_key(cin, cout, h, s)
@@ -486,14 +608,20 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
                 if any(c is None or "error" in c for c in cs):
                     row["error"] = next((c["error"] for c in cs if c and "error" in c), "not counted")
                 else:
-                    if len(cbatches) == 1 and cbatches[0] == batch:
-                        c = cs[0]
+                    if batch in cbatches:
+                        c = cs[cbatches.index(batch)]
                     elif len(cbatches) >= 2:
-                        c = extrapolate(cs[0], cs[1], batch) if cbatches[:2] == [1, 2] else cs[-1]
+                        c = extrapolate(cs[0], cs[1], batch, cbatches[0], cbatches[1])
                     else:
                         c = cs[0]
                     row["counted_at_batch"] = cbatches if len(cbatches) > 1 else cbatches[0]
                     row.update({k: c[k] for k in COUNT_KEYS})
+                    try:
+                        two = len(cbatches) >= 2
+                        row.update(row_floor(cs[0], cs[1] if two else None, floor_batch, roofline,
+                                             cbatches[0], cbatches[1] if two else cbatches[0]))
+                    except (ValueError, KeyError) as e:
+                        row["floor_error"] = _err(e)
                     row["S"] = c["S"]
                     row["fwd_launches_triton"] = c["fwd_triton_launches"]
                     row["bwd_launches_triton"] = c["bwd_triton_launches"]
@@ -507,6 +635,8 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
                     if row.get("fwd_bytes") is not None and row.get("fwdbwd_ms"):
                         row["gbps"] = (row["fwd_bytes"] + row["bwd_bytes"]) / (row["fwdbwd_ms"] * 1e-3) / 1e9
                         row["copy_frac"] = row["gbps"] / copy_bw if copy_bw else None
+                    if row.get("floor_ms") and row.get("fwdbwd_ms") and row.get("floor_batch") == batch:
+                        row["pct_floor"] = 100 * row["fwdbwd_ms"] / row["floor_ms"]
                     row.pop("error", None) if impl == "compile" else None
                     del mod, x
                 except Exception as e:
@@ -528,6 +658,9 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
         "channels_last": args.channels_last,
         "copy_bandwidth_gbps": copy_bw,
         "unit_S": "bytes of the layer input N*C*H*W*element_size",
+        "floor_gpu": roofline.gpu.name,
+        "floor_model": roofline.describe(),
+        "floor_batch": floor_batch,
     }
     try:
         import triton
@@ -545,6 +678,14 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
         result["networks"] = networks.run_networks(
             device=device, batch=args.net_batch, size=args.net_size, fused=True, times=times,
             tools=tools, quiet=args.quiet)
+    if args.net_floor:
+        try:
+            from benchmarks import networks
+        except ImportError:
+            import networks  # type: ignore
+        layer_counts = _layer_counter(counts, args, count_in_process, prog)
+        counted = networks.count_networks(layer_counts, size=args.net_size, quiet=args.quiet)
+        result["network_floor"] = networks.price_networks(counted, roofline)
     result["meta"]["wall_s"] = time.perf_counter() - t_start
 
     # ---- report
@@ -552,15 +693,22 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
           f"device {meta['device']}" + (", Triton interpreter" if interp else ""), file=stream)
     print("S = bytes of the layer input (N*C*H*W*element_size); L = launches (nT = of which Triton); "
           "saved = bytes kept for backward besides the input and the parameters", file=stream)
-    if cbatches != [batch] and not args.no_count:
+    if batch not in cbatches and not args.no_count:
         print(f"counts measured at batch {cbatches} and extrapolated to batch {batch}", file=stream)
     if times and copy_bw:
         print(f"copy bandwidth (device-to-device, read+write): {copy_bw:.0f} GB/s", file=stream)
+    if not args.no_count:
+        print(f"floor (a model, not a measurement; benchmarks/floor.py) at batch {floor_batch} on "
+              f"{roofline.describe()}; GF = GFLOP (matrix: torch's FLOP counter, tl.dot) at that batch; "
+              "floor columns in ms" + ("; %floor = measured f+b / floor f+b" if times else ""), file=stream)
     print(file=stream)
     print(format_table(rows, times), file=stream)
     if "networks" in result:
         print(file=stream)
         print(networks.format_networks(result["networks"]), file=stream)
+    if "network_floor" in result:
+        print(file=stream)
+        print(networks.format_floor(result["network_floor"], roofline), file=stream)
     print(f"\n(wall time {result['meta']['wall_s']:.1f} s)", file=stream)
     if args.json:
         with open(args.json, "w") as f:
