@@ -95,6 +95,7 @@ __all__ = [
     "triton_hooks_installed",
     "aten_flops",
     "memo_triton_launches",
+    "per_sample_from",
     "skip_triton_launches",
 ]
 
@@ -167,6 +168,7 @@ class Launch:
     ew_flops: int = 0  # elementwise float ops of interpreted Triton programs (lanes x ops)
     mm_kind: str = ""  # "conv", "matmul" or "dot" when flops > 0: which peak applies (floor.py)
     mm_dtype: str = ""  # dtype of the matrix operands, e.g. "float32"
+    shape_sig: tuple = ()  # Triton: (grid, numel of each tensor argument); see per_sample_from
 
     def as_list(self) -> list:
         """Compact JSON form: [name, bytes, flops, ew_flops, mm_kind, mm_dtype]."""
@@ -300,6 +302,50 @@ def _launch_key(executor, args, kwargs):
         return None
 
 
+# Under ``per_sample_from(launches, k)`` (counting at k times the batch of an
+# earlier count whose Triton launches, in order, are ``launches``) a launch is not
+# interpreted when it is the same kernel as the earlier one at its position, its
+# grid is the earlier grid with exactly one axis multiplied by k, and each tensor
+# argument has the earlier numel or k times it: its programs are then the earlier
+# programs plus k - 1 copies for the added samples, which load, store and compute
+# the same at shifted addresses, so its counts are k times the earlier ones.
+# Any other launch (a batch reduction, a grid that re-splits with the batch) is
+# interpreted. tests/test_floor.py checks the result against full interpretation.
+_PER_SAMPLE: list = []
+
+
+def _sig_of(executor, args, kwargs):
+    grid = executor.grid
+    if callable(grid):
+        return ()
+    grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+    numels = tuple(int(a.numel()) for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor))
+    return (grid, numels)
+
+
+def _scales_by(sig1, sig2, k: int) -> bool:
+    if not sig1 or not sig2 or len(sig1[1]) != len(sig2[1]):
+        return False
+    g1, g2 = sig1[0], sig2[0]
+    axes = [i for i in range(3) if g1[i] != g2[i]]
+    if len(axes) != 1 or g2[axes[0]] != k * g1[axes[0]]:
+        return False
+    scaled = [b == k * a and a > 0 for a, b in zip(sig1[1], sig2[1])]
+    same = [a == b for a, b in zip(sig1[1], sig2[1])]
+    return any(scaled) and all(x or y for x, y in zip(scaled, same))
+
+
+@contextlib.contextmanager
+def per_sample_from(launches, k: int = 2):
+    """Infer per-sample Triton launches from an earlier count at 1/k of the batch (see _PER_SAMPLE)."""
+    state = {"ref": [ln for ln in launches if ln.kind == "triton"], "i": 0, "k": int(k), "inferred": 0}
+    _PER_SAMPLE.append(state)
+    try:
+        yield state
+    finally:
+        _PER_SAMPLE.pop()
+
+
 @contextlib.contextmanager
 def memo_triton_launches(cache: dict | None = None):
     """Count repeated identical interpreted launches once (see _MEMO above); yields the cache."""
@@ -398,7 +444,26 @@ def install_triton_hooks() -> bool:
                     m.launches.append(rec)
                     m._current_triton = rec
                     recs.append(m)
+        sig = _sig_of(self, args, kwargs) if recs else ()
+        for m in recs:
+            m._current_triton.shape_sig = sig
         key = _launch_key(self, args, kwargs) if (_MEMO and recs) else None
+        if recs and _PER_SAMPLE and not (key is not None and key in _MEMO[-1]):
+            st = _PER_SAMPLE[-1]
+            ref = st["ref"][st["i"]] if st["i"] < len(st["ref"]) else None
+            st["i"] += 1
+            if ref is not None and ref.name == name and _scales_by(ref.shape_sig, sig, st["k"]):
+                k = st["k"]
+                for m in recs:
+                    rec = m._current_triton
+                    rec.bytes_read, rec.bytes_written = k * ref.bytes_read, k * ref.bytes_written
+                    rec.flops, rec.ew_flops, rec.mm_kind, rec.mm_dtype = (k * ref.flops, k * ref.ew_flops,
+                                                                          ref.mm_kind, ref.mm_dtype)
+                    m._current_triton = None
+                st["inferred"] += 1
+                return None
+        elif recs and _PER_SAMPLE:
+            _PER_SAMPLE[-1]["i"] += 1
         if key is not None and key in _MEMO[-1]:
             for m in recs:
                 cached = _MEMO[-1][key]

@@ -59,7 +59,7 @@ elif not torch.cuda.is_available():
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 from benchmarks.floor import DEFAULT_GPU, Roofline, detect_gpu, extrapolate_launches, find_gpu  # noqa: E402
-from benchmarks.meter import measure_step, memo_triton_launches, tensor_bytes  # noqa: E402
+from benchmarks.meter import Launch, measure_step, memo_triton_launches, per_sample_from, tensor_bytes  # noqa: E402
 
 IMPLS = ("reference", "compile", "ours", "ours-rc", "conv+bn")
 COUNT_KEYS = ("fwd_launches", "fwd_bytes", "bwd_launches", "bwd_bytes", "saved_bytes",
@@ -156,7 +156,8 @@ def _err(e: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- counting
-def count_row(impl, cin, cout, h, stride, batch, dtype=torch.float32, channels_last=False, warmup=0, memo=True):
+def count_row(impl, cin, cout, h, stride, batch, dtype=torch.float32, channels_last=False, warmup=0, memo=True,
+              like=None):
     """Counted columns of one row on the CPU (the interpreter for Triton).
 
     No warm-up step by default: the interpreter has no compile cache, and an
@@ -164,6 +165,9 @@ def count_row(impl, cin, cout, h, stride, batch, dtype=torch.float32, channels_l
     tests/test_bench_run.py); a warm-up would double the interpreter's time.
     ``memo``: repeated identical Triton launches are interpreted once per process
     (meter.memo_triton_launches; same counts, checked by tests/test_floor.py).
+    ``like``: this row's counts at a batch dividing ``batch``; per-sample Triton
+    launches are then inferred from it instead of interpreted (meter.per_sample_from;
+    checked against full interpretation by tests/test_floor.py).
     """
     import contextlib
     import warnings
@@ -173,11 +177,23 @@ def count_row(impl, cin, cout, h, stride, batch, dtype=torch.float32, channels_l
     mod = _to(build(impl, cin, cout, stride), "cpu", dtype, channels_last)
     x = _input(batch, cin, h, "cpu", dtype, channels_last)
     ctx = memo_triton_launches(_LAUNCH_MEMO) if memo else contextlib.nullcontext()
-    # a memoised launch leaves its outputs unwritten: later kernels may see NaNs
-    with ctx, np.errstate(all="ignore"), warnings.catch_warnings():
+    ps = contextlib.nullcontext()
+    if like is not None and like.get("triton_ref") is not None and batch % like["batch"] == 0 and warmup == 0:
+        ref = [Launch(ln[0], "triton", ln[3], ln[4], ln[5], ln[6], ln[7], ln[8],
+                      shape_sig=(tuple(ln[1]), tuple(ln[2])) if ln[1] else ()) for ln in like["triton_ref"]]
+        ps = per_sample_from(ref, batch // like["batch"])
+    state = None
+    # a memoised or inferred launch leaves its outputs unwritten: later kernels may see NaNs
+    with ctx, ps as state, np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        r = measure_step(mod, x, warmup=warmup)
+        r = measure_step(mod, x, warmup=warmup, keep_meters=True)
     out = {k: r[k] for k in COUNT_KEYS + LIST_KEYS + ("S", "out_bytes")}
+    out["batch"] = batch
+    out["inferred_launches"] = state["inferred"] if state else 0
+    out["triton_ref"] = [
+        [ln.name, list(ln.shape_sig[0]) if ln.shape_sig else [], list(ln.shape_sig[1]) if ln.shape_sig else [],
+         ln.bytes_read, ln.bytes_written, ln.flops, ln.ew_flops, ln.mm_kind, ln.mm_dtype]
+        for m in (r["fwd_meter"], r["bwd_meter"]) for ln in m.launches if ln.kind == "triton"]
     if impl != "conv+bn":
         out["layer_repr"] = repr(mod)
     return out
@@ -405,9 +421,34 @@ def plot(rows, path: str):
               ("saved_bytes", "saved for backward (S)", True), ("fwd_launches", "forward launches", False)]
     if timed:
         panels.append(("fwdbwd_ms", "forward+backward (ms)", False))
+    floored = any(r.get("floor_ms") is not None for r in ok)
+    if floored:
+        fb = next(r["floor_batch"] for r in ok if r.get("floor_ms") is not None)
+        panels.append(("floor", f"floor f+b at batch {fb} (ms): bytes / FLOP / launch-bound"
+                       + ("; x = measured" if timed else ""), False))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
     wbar = 0.8 / max(len(impls), 1)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, title, in_s) in zip(axes, panels):
+        if key == "floor":
+            for j, impl in enumerate(impls):
+                xs, parts, meas = [], ([], [], []), []
+                for i, layer in enumerate(layers):
+                    r = next((r for r in ok if r["layer"] == layer and r["impl"] == impl), None)
+                    xs.append(i + j * wbar)
+                    for part, k in zip(parts, ("floor_bytes_ms", "floor_flops_ms", "floor_launch_ms")):
+                        part.append(float("nan") if r is None or r.get(k) is None else r[k])
+                    ok_t = r is not None and r.get("fwdbwd_ms") is not None and r.get("floor_batch") == r["batch"]
+                    meas.append(r["fwdbwd_ms"] if ok_t else float("nan"))
+                c = colors[j % len(colors)]
+                ax.bar(xs, parts[0], wbar, color=c, label=impl if key == panels[0][0] else None)
+                ax.bar(xs, parts[1], wbar, bottom=parts[0], color=c, hatch="//", edgecolor="white")
+                ax.bar(xs, parts[2], wbar, bottom=[a + b for a, b in zip(*parts[:2])], color=c, alpha=0.4)
+                ax.plot(xs, meas, "kx", linestyle="none")
+            ax.set_title(title, fontsize=8)
+            ax.set_xticks([i + 0.4 - wbar / 2 for i in range(len(layers))])
+            ax.set_xticklabels(layers, rotation=45, ha="right", fontsize=7)
+            continue
         for j, impl in enumerate(impls):
             vals = []
             for layer in layers:
@@ -460,7 +501,7 @@ def parse_args(argv=None):
                         "A100-80GB, A100-40GB, L4, RTX-4090, RTX-3090, H100-PCIe); default: H100-SXM on a CPU, "
                         "the detected card (with the measured copy bandwidth) on a GPU")
     p.add_argument("--floor-batch", type=int, default=None,
-                   help=f"batch of the FLOPs and floor columns (default: the timing batch on a GPU, "
+                   help=f"batch of the FLOPs and floor columns (default: the timing batch when timing, "
                         f"{CPU_FLOOR_BATCH} on a CPU; counts at two batches are extrapolated per launch)")
     p.add_argument("--net-floor", action=argparse.BooleanOptionalAction, default=True,
                    help="whole-network roofline floor at the study's batch sizes (default on)")
@@ -509,7 +550,8 @@ def _layer_counter(counts, args, in_process, prog):
                 out[key] = {}
                 for b in (1, 2):
                     try:
-                        out[key][b] = count_row("ours", cin, cout, h, s, b, dtype, args.channels_last)
+                        out[key][b] = count_row("ours", cin, cout, h, s, b, dtype, args.channels_last,
+                                                like=out[key].get(1))
                     except Exception as e:
                         out[key][b] = {"error": _err(e)}
                     if not args.quiet:
@@ -550,7 +592,7 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
         cbatches = ([1, 2] if batch <= 2 else [batch]) if (device == "cpu" or interp) else [1, 2]
     count_in_process = device == "cpu" or interp
     countable = [i for i in impls if i != "compile"]
-    floor_batch = args.floor_batch or (batch if device == "cuda" else CPU_FLOOR_BATCH)
+    floor_batch = args.floor_batch or (batch if times else CPU_FLOOR_BATCH)
     if len(cbatches) < 2:
         floor_batch = cbatches[0]  # one counted batch: no per-launch extrapolation
     gpu, detected = _floor_gpu(args, device)
@@ -566,9 +608,11 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
         if count_in_process:
             for name, cin, cout, h, s in shapes:
                 for impl in countable:
+                    prev = None
                     for b in cbatches:
                         try:
-                            c = count_row(impl, cin, cout, h, s, b, dtype, args.channels_last)
+                            c = count_row(impl, cin, cout, h, s, b, dtype, args.channels_last, like=prev)
+                            prev = c
                         except Exception as e:  # the fused path may not exist yet
                             if os.environ.get("SCCONV_BENCH_DEBUG"):
                                 traceback.print_exc()
