@@ -49,6 +49,25 @@ Triton launches under the interpreter (``TRITON_INTERPRET=1``)
       only the aten ops: count Triton traffic with the interpreter
       (``benchmarks/run.py`` does it in a CPU subprocess).
 
+FLOPs per launch (``Launch.flops``, ``Launch.ew_flops``)
+    * Matrix FLOPs (``flops``): for an aten op, torch's FLOP counter
+      (``torch.utils.flop_counter``'s formulas on the op's shapes: convolutions and
+      their backward, mm / addmm / bmm / baddbmm, attention; exactly what
+      ``FlopCounterMode`` reports, tests/test_floor.py); every other aten op counts
+      0, as there. For a Triton launch, ``2 * M * N * K`` for every ``tl.dot`` its
+      programs execute (``InterpreterBuilder.create_dot`` is hooked), on the whole
+      operand blocks: masked-out lanes are multiplied too, as on the hardware.
+      ``mm_kind`` ("conv", "matmul", "dot") and ``mm_dtype`` say which tensor peak
+      applies (benchmarks/floor.py).
+    * Elementwise FLOPs (``ew_flops``, Triton only): lanes of every float
+      arithmetic op the interpreter executes (add, mul, div, fma = 2, exp, sqrt ...;
+      masked lanes included) plus one per element reduced; index arithmetic is not
+      counted. It is the estimate the floor holds against the CUDA-core peak;
+      elementwise aten ops are charged no FLOPs (they are bytes-bound by a factor of
+      ten or more on every card of the table).
+    * ``memo_triton_launches`` and ``per_sample_from`` are counting shortcuts
+      for the report (see their comments); ``Meter`` alone interprets everything.
+
 Bytes saved for backward (``saved_tensors_hooks``)
     Every tensor autograd packs (including ``ctx.save_for_backward`` of custom
     Functions) is recorded by its storage; the sum is over *distinct storages*
@@ -751,8 +770,9 @@ class Meter:
         lines = [title] if title else []
         fmt = (lambda b: f"{b / unit:8.3f} S") if unit else (lambda b: f"{b:12d} B")
         for i, r in enumerate(self.launches):
-            lines.append(f"{i:3d} {r.kind:6s} {r.name:48s} R {fmt(r.bytes_read)}  W {fmt(r.bytes_written)}")
-        lines.append(f"    total: {self.n_launches} launches, {fmt(self.total_bytes)}")
+            lines.append(f"{i:3d} {r.kind:6s} {r.name:48s} R {fmt(r.bytes_read)}  W {fmt(r.bytes_written)}"
+                         f"  F {r.flops:12d}")
+        lines.append(f"    total: {self.n_launches} launches, {fmt(self.total_bytes)}, {self.flops} FLOPs")
         return "\n".join(lines)
 
 
