@@ -362,6 +362,19 @@ def format_floor(rows, roofline) -> str:
     return "\n".join(out)
 
 
+def format_ratios_by_gpu(counted, roofline_factory) -> str:
+    """One line per card of floor.GPUS: the floor ratios (R50 / D121 families), priced from the same counts."""
+    from benchmarks.floor import GPUS, STUDY_RATIOS
+
+    out = [f"floor ratios by card (SCConv network / its baseline; the study measured "
+           f"{STUDY_RATIOS['R']:.2f}x / {STUDY_RATIOS['D']:.2f}x for the reference):"]
+    for key in GPUS:
+        rows = price_networks(counted, roofline_factory(key))
+        cells = [f"{r['network']} {r['floor_ratio']:.2f}x" for r in rows if r.get("floor_ratio") is not None]
+        out.append(f"  {GPUS[key].name:10s} " + ", ".join(cells))
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)

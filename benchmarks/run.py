@@ -199,6 +199,36 @@ def count_row(impl, cin, cout, h, stride, batch, dtype=torch.float32, channels_l
     return out
 
 
+class CountCache:
+    """Counts by row across runs (``--count-cache PATH``): counts do not depend on the GPU the
+    floor is priced for, so ``--gpu`` variants of a run reuse them. Delete the file when the
+    kernels or the meter change."""
+
+    def __init__(self, path=None):
+        self.path, self.data = path, {}
+        if path and os.path.exists(path):
+            with open(path) as f:
+                self.data = json.load(f)
+
+    @staticmethod
+    def key(impl, cin, cout, h, s, b, dtype, channels_last):
+        return f"{_shape_key(cin, cout, h, s)}|{impl}|{b}|{dtype}|{int(bool(channels_last))}"
+
+    def count(self, impl, cin, cout, h, s, b, dtype, channels_last, like=None):
+        k = self.key(impl, cin, cout, h, s, b, dtype, channels_last)
+        if k not in self.data:
+            c = count_row(impl, cin, cout, h, s, b, dtype, channels_last, like=like)
+            if not self.path:
+                return c
+            self.data[k] = c
+        return self.data[k]
+
+    def save(self):
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump(self.data, f)
+
+
 def extrapolate(c1: dict, c2: dict, n: int, b1: int = 1, b2: int = 2) -> dict:
     """Counts at batches b1 and b2 -> counts at batch n (bytes and FLOPs affine in n, launches constant;
     the per-launch lists extrapolated launch by launch)."""
@@ -505,6 +535,9 @@ def parse_args(argv=None):
                         f"{CPU_FLOOR_BATCH} on a CPU; counts at two batches are extrapolated per launch)")
     p.add_argument("--net-floor", action=argparse.BooleanOptionalAction, default=True,
                    help="whole-network roofline floor at the study's batch sizes (default on)")
+    p.add_argument("--count-cache", metavar="PATH", default=None,
+                   help="keep the CPU counts in a JSON file and reuse them (e.g. to price the same counts "
+                        "with another --gpu); delete it when the code changes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--count-only", metavar="PATH", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -529,7 +562,7 @@ def _floor_gpu(args, device):
     return find_gpu(DEFAULT_GPU), False
 
 
-def _layer_counter(counts, args, in_process, prog):
+def _layer_counter(counts, args, in_process, cache):
     """layer_counts(keys) for networks.count_networks: fused ("ours") layer counts at batches 1 and 2,
     reusing the per-layer rows' counts and counting the others once (in a CPU subprocess on a GPU machine)."""
     dtype = DTYPES[args.dtype]
@@ -550,8 +583,8 @@ def _layer_counter(counts, args, in_process, prog):
                 out[key] = {}
                 for b in (1, 2):
                     try:
-                        out[key][b] = count_row("ours", cin, cout, h, s, b, dtype, args.channels_last,
-                                                like=out[key].get(1))
+                        out[key][b] = cache.count("ours", cin, cout, h, s, b, dtype, args.channels_last,
+                                                  like=out[key].get(1))
                     except Exception as e:
                         out[key][b] = {"error": _err(e)}
                     if not args.quiet:
@@ -603,6 +636,7 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
     prog = Progress(n_steps + (1 if times else 0), quiet=args.quiet)
 
     # ---- counts
+    cache = CountCache(args.count_cache)
     counts = {}  # (shape key, impl, batch) -> dict or {"error": ...}
     if not args.no_count and countable:
         if count_in_process:
@@ -611,7 +645,7 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
                     prev = None
                     for b in cbatches:
                         try:
-                            c = count_row(impl, cin, cout, h, s, b, dtype, args.channels_last, like=prev)
+                            c = cache.count(impl, cin, cout, h, s, b, dtype, args.channels_last, like=prev)
                             prev = c
                         except Exception as e:  # the fused path may not exist yet
                             if os.environ.get("SCCONV_BENCH_DEBUG"):
@@ -727,9 +761,12 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
             from benchmarks import networks
         except ImportError:
             import networks  # type: ignore
-        layer_counts = _layer_counter(counts, args, count_in_process, prog)
+        layer_counts = _layer_counter(counts, args, count_in_process, cache)
         counted = networks.count_networks(layer_counts, size=args.net_size, quiet=args.quiet)
         result["network_floor"] = networks.price_networks(counted, roofline)
+        result["network_floor_by_gpu"] = networks.format_ratios_by_gpu(
+            counted, lambda g: Roofline(g, dtype=roofline.dtype))
+    cache.save()
     result["meta"]["wall_s"] = time.perf_counter() - t_start
 
     # ---- report
@@ -753,6 +790,7 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
     if "network_floor" in result:
         print(file=stream)
         print(networks.format_floor(result["network_floor"], roofline), file=stream)
+        print(result["network_floor_by_gpu"], file=stream)
     print(f"\n(wall time {result['meta']['wall_s']:.1f} s)", file=stream)
     if args.json:
         with open(args.json, "w") as f:

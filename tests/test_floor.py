@@ -246,3 +246,30 @@ def test_per_sample_inference_equals_interpreting(impl, cin, cout, h, stride):
     for k in ("fwd_launch_list", "bwd_launch_list", "fwd_bytes", "bwd_bytes", "fwd_flops", "bwd_ew_flops",
               "saved_bytes"):
         assert inferred[k] == full[k], k
+
+
+def test_count_networks_composes_fused_networks_from_layer_counts():
+    # count_networks prices the fused networks as stubs + per-layer counts at batch 1 and 2
+    # extrapolated to the study's batch; fed the reference layers' counts it must give
+    # the whole reference network's launches
+    pytest.importorskip("scconv_triton.models")
+    from benchmarks import networks
+    from benchmarks import run as bench
+
+    asked = []
+
+    def layer_counts(keys):
+        asked.extend(keys)
+        return {k: {b: bench.count_row("reference", k[0], k[1], k[2], k[3], b) for b in (1, 2)} for k in keys}
+
+    # 64x64: the last dense block at 2x2 (at 1x1 autograd reduces a broadcast at batch 2 only,
+    # so batch 1 and 2 are not the same launches there)
+    counted = networks.count_networks(layer_counts, size=64, which=["SCConv-D121 (reference)", "SCConv-D121 (ours)"],
+                                      quiet=True)
+    ref, ours = counted
+    assert "error" not in ref and "error" not in ours, (ref.get("error"), ours.get("error"))
+    assert sorted(asked) == [(128, 32, 2, 1), (128, 32, 4, 1), (128, 32, 8, 1), (128, 32, 16, 1)]
+    assert ours["distinct_layers"] == 4 and ours["scconv_calls"] == 6 + 12 + 24 + 16
+    assert ref["batch"] == ours["batch"] == 64
+    for k in ("fwd", "bwd"):
+        assert sorted(map(tuple, ours[k])) == sorted(map(tuple, ref[k])), k
