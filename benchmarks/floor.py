@@ -234,3 +234,15 @@ class Roofline:
             out[bound + "_s"] += t
             out["launches"] += 1
         return out
+
+    def step_floor(self, fwd, bwd) -> dict:
+        """Floor columns of a training step from its forward and backward launch lists (ms, FLOPs)."""
+        pf, pb = self.price(fwd), self.price(bwd)
+        return {
+            "launches": pf["launches"] + pb["launches"],
+            "floor_fwd_flops": sum(ln[2] for ln in fwd), "floor_bwd_flops": sum(ln[2] for ln in bwd),
+            "floor_fwd_ms": pf["s"] * 1e3, "floor_bwd_ms": pb["s"] * 1e3, "floor_ms": (pf["s"] + pb["s"]) * 1e3,
+            "floor_bytes_ms": (pf["bytes_s"] + pb["bytes_s"]) * 1e3,
+            "floor_flops_ms": (pf["flops_s"] + pb["flops_s"]) * 1e3,
+            "floor_launch_ms": (pf["launch_s"] + pb["launch_s"]) * 1e3,
+        }

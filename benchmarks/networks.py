@@ -43,6 +43,11 @@ NETWORKS = [
 ]
 
 
+def _err_text(e: BaseException) -> str:
+    msg = str(e).strip()
+    return f"{type(e).__name__}: {msg.splitlines()[0] if msg else ''}"[:160]
+
+
 def _models():
     try:
         from scconv_triton import models
@@ -114,7 +119,7 @@ def run_networks(device="cpu", batch=None, size=224, fused=False, times=None, to
                 row["step_ms"] = tools.do_bench(step, grad_to_none=params)
             del model, x
         except Exception as e:
-            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:160]
+            row["error"] = _err_text(e)
         row["wall_s"] = time.perf_counter() - t0
         rows.append(row)
         if not quiet:
@@ -300,7 +305,7 @@ def count_networks(layer_counts=None, size=224, batches=None, count_batches=(1, 
                 import traceback
 
                 traceback.print_exc()
-            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:160]
+            row["error"] = _err_text(e)
         row["wall_s"] = time.perf_counter() - t0
         rows.append(row)
         if not quiet:
@@ -315,18 +320,9 @@ def price_networks(counted, roofline) -> list:
         row = {k: v for k, v in c.items() if k not in ("fwd", "bwd")}
         if "error" not in c:
             fwd, bwd = c["fwd"], c["bwd"]
-            pf, pb = roofline.price(fwd), roofline.price(bwd)
-            row.update({
-                "gpu": roofline.gpu.name,
-                "launches": pf["launches"] + pb["launches"],
-                "flops": sum(ln[2] for ln in fwd + bwd),
-                "bytes": sum(ln[1] for ln in fwd + bwd),
-                "floor_fwd_ms": pf["s"] * 1e3, "floor_bwd_ms": pb["s"] * 1e3,
-                "floor_ms": (pf["s"] + pb["s"]) * 1e3,
-                "floor_bytes_ms": (pf["bytes_s"] + pb["bytes_s"]) * 1e3,
-                "floor_flops_ms": (pf["flops_s"] + pb["flops_s"]) * 1e3,
-                "floor_launch_ms": (pf["launch_s"] + pb["launch_s"]) * 1e3,
-            })
+            row.update(roofline.step_floor(fwd, bwd))
+            row.update({"gpu": roofline.gpu.name, "flops": sum(ln[2] for ln in fwd + bwd),
+                        "bytes": sum(ln[1] for ln in fwd + bwd)})
         rows.append(row)
     base = {}
     for r in rows:

@@ -253,15 +253,10 @@ def row_floor(c1: dict, c2: dict | None, n: int, roofline: Roofline, b1: int = 1
     else:
         fl = extrapolate_launches(c1["fwd_launch_list"], c2["fwd_launch_list"], n, b1, b2)
         bl = extrapolate_launches(c1["bwd_launch_list"], c2["bwd_launch_list"], n, b1, b2)
-    pf, pb = roofline.price(fl), roofline.price(bl)
-    return {
-        "floor_batch": n,
-        "floor_fwd_flops": sum(ln[2] for ln in fl), "floor_bwd_flops": sum(ln[2] for ln in bl),
-        "floor_fwd_ms": pf["s"] * 1e3, "floor_bwd_ms": pb["s"] * 1e3, "floor_ms": (pf["s"] + pb["s"]) * 1e3,
-        "floor_bytes_ms": (pf["bytes_s"] + pb["bytes_s"]) * 1e3,
-        "floor_flops_ms": (pf["flops_s"] + pb["flops_s"]) * 1e3,
-        "floor_launch_ms": (pf["launch_s"] + pb["launch_s"]) * 1e3,
-    }
+    out = roofline.step_floor(fl, bl)
+    del out["launches"]
+    out["floor_batch"] = n
+    return out
 
 
 def count_subprocess(shapes, impls, batches, dtype_name, channels_last, timeout=3600):
