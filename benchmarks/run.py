@@ -221,6 +221,7 @@ class CountCache:
             if not self.path:
                 return c
             self.data[k] = c
+            self.save()  # as it goes: a run that stops later keeps what it counted
         return self.data[k]
 
     def save(self):
