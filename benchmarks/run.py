@@ -529,8 +529,9 @@ def parse_args(argv=None):
     p.add_argument("--floor-batch", type=int, default=None,
                    help=f"batch of the FLOPs and floor columns (default: the timing batch when timing, "
                         f"{CPU_FLOOR_BATCH} on a CPU; counts at two batches are extrapolated per launch)")
-    p.add_argument("--net-floor", action=argparse.BooleanOptionalAction, default=True,
-                   help="whole-network roofline floor at the study's batch sizes (default on)")
+    p.add_argument("--net-floor", action=argparse.BooleanOptionalAction, default=None,
+                   help="whole-network roofline floor at the study's batch sizes (default: with --networks "
+                        "and the counts; its fused layers are counted under the interpreter)")
     p.add_argument("--count-cache", metavar="PATH", default=None,
                    help="keep the CPU counts in a JSON file and reuse them (e.g. to price the same counts "
                         "with another --gpu); delete it when the code changes")
@@ -752,7 +753,8 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
         result["networks"] = networks.run_networks(
             device=device, batch=args.net_batch, size=args.net_size, fused=True, times=times,
             tools=tools, quiet=args.quiet)
-    if args.net_floor:
+    net_floor = args.net_floor if args.net_floor is not None else (args.networks and not args.no_count)
+    if net_floor:
         try:
             from benchmarks import networks
         except ImportError:
