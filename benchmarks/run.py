@@ -1,6 +1,7 @@
 """The main job: memory traffic, launches, saved memory (and on a GPU latency) of SCConv.
 
-    python benchmarks/run.py                 # CPU: counted columns, batch 1, fp32, interpreter (~2-3 min)
+    python benchmarks/run.py                 # CPU: counted columns and floors, interpreter (~7 min of CPU)
+    python benchmarks/run.py --gpu A100-80GB # the roofline floor priced on another card
     python benchmarks/run.py --batch 2       # DESIGN.md's exact setting (N=2; ~3-6 min on 2 cores)
     python benchmarks/run.py --json out.json --plot out.png
     python benchmarks/run.py --networks      # also whole-network saved bytes (ResNet-50, DenseNet-121)
