@@ -20,7 +20,7 @@ SHAPE = "16@8"  # SCConv(16) on 8x8
 
 def _args(*argv):
     # whole networks have their own tests below; keep the layer-level runs small
-    return bench.parse_args(["--quiet", "--no-networks", "--shapes", SHAPE, *argv])
+    return bench.parse_args(["--quiet", "--no-networks", "--no-net-floor", "--shapes", SHAPE, *argv])
 
 
 def _row(res, impl):
@@ -80,7 +80,13 @@ def test_cpu_default_path_counts_and_prints(tmp_path):
         r = _row(res, impl)
         assert ("error" in r) or (r["fwd_launches"] > 0 and r["fwd_bytes"] > 0)
     assert "reference" in text and "conv+bn" in text and "fwd S" in text
-    assert "GB/s" not in text  # no timing columns on a CPU
+    assert "%copy" not in text and "f+b ms" not in text  # no timing columns on a CPU
+    # floor columns at the CPU floor batch, from counts at batch 1 and 2 extrapolated per launch
+    assert "floor f+b" in text and "H100 SXM" in text
+    assert ref["floor_batch"] == bench.CPU_FLOOR_BATCH
+    assert ref["floor_ms"] == pytest.approx(ref["floor_fwd_ms"] + ref["floor_bwd_ms"])
+    assert cb["floor_fwd_flops"] == bench.CPU_FLOOR_BATCH * cb["fwd_flops"]  # conv FLOPs scale with N
+    assert ref["floor_fwd_flops"] == bench.CPU_FLOOR_BATCH * ref["fwd_flops"]
     data = json.loads(jpath.read_text())
     assert data["rows"][0]["fwd_launches"] == 28
     assert data["meta"]["batch"] == 1
@@ -122,12 +128,16 @@ def test_gpu_path_with_fake_timers(fake_gpu, tmp_path):
     assert ref["S"] == 4 * 16 * 64 * 4
     assert ref["gbps"] == pytest.approx((ref["fwd_bytes"] + ref["bwd_bytes"]) / 2e-3 / 1e9)
     assert ref["copy_frac"] == pytest.approx(ref["gbps"] / bw)
+    # the floor is at the timing batch; measured time as % of it
+    assert ref["floor_batch"] == 4
+    assert ref["pct_floor"] == pytest.approx(100 * 2.0 / ref["floor_ms"])
+    assert ref["floor_fwd_flops"] == direct["fwd_flops"] and ref["floor_bwd_flops"] == direct["bwd_flops"]
     comp = _row(res, "compile")
     assert comp["fwdbwd_ms"] == 2.0 and comp.get("fwd_launches") is None and "error" not in comp
     ours = _row(res, "ours")
     assert ("error" in ours) or ours["fwdbwd_ms"] == 2.0
     assert fake_gpu["resets"] >= 3 and fake_gpu["syncs"] > 0
-    for col in ("fwd ms", "bwd ms", "f+b ms", "GB/s", "%copy", "peak MiB"):
+    for col in ("fwd ms", "bwd ms", "f+b ms", "GB/s", "%copy", "peak MiB", "%floor", "floor f+b"):
         assert col in text
     assert "copy bandwidth" in text
     json.loads((tmp_path / "g.json").read_text())
