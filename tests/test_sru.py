@@ -12,7 +12,7 @@ import scconv_triton
 from scconv_triton import reference as ref
 from scconv_triton.kernels import sru as K
 from scconv_triton.ops import sru as ops
-from _helpers import DEVICE, TOL, low_tol, rel, sru_gate_r
+from _helpers import DEVICE, TOL, draw_away_from_gate, low_tol, rel, sru_gate_r
 
 # tl.sigmoid's exp overflows harmlessly (to 1 / inf = 0) in the numpy-backed interpreter
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -46,20 +46,17 @@ def make_ref(C, G, tau, gate, torch_gn, dtype=torch.float64):
 def fused_twin(m):
     f = scconv_triton.SRU(m.channels, m.group_num, m.gate_treshold, torch_gn=m.torch_gn, gate=m.gate,
                           backend="triton")
-    f = f.to(m.gn.weight.dtype)
+    f = f.to(m.gn.weight.device, m.gn.weight.dtype)
     f.load_state_dict(m.state_dict())
     return f
 
 
-def draw_x(m, shape, dtype, channels_last, margin, mean=0.0, tries=50):
+def draw_x(m, shape, dtype, channels_last, margin, mean=0.0):
     """Fresh random x (in dtype) with no r within ``margin`` of tau, so both paths gate alike."""
-    for _ in range(tries):
+    def make():
         x = (mean + torch.randn(shape, dtype=torch.float64)).to(DEVICE, dtype)
-        if channels_last:
-            x = x.to(memory_format=torch.channels_last)
-        if (sru_gate_r(m, x) - m.gate_treshold).abs().min() > margin:
-            return x
-    raise AssertionError("could not draw an input away from the gate threshold")
+        return x.to(memory_format=torch.channels_last) if channels_last else x
+    return draw_away_from_gate(m, make, margin)
 
 
 def run(module, x, ds):
