@@ -293,25 +293,8 @@ def triton_hooks_installed() -> bool:
     return _HOOKS["installed"]
 
 
-@contextlib.contextmanager
-def skip_triton_launches():
-    """Inside the block, interpreted Triton launches return at once without running.
-
-    For shape-only measurements: what autograd saves depends on the shapes the
-    launchers allocate, not on the values their kernels write, so the fused
-    networks' saved bytes can be measured at 224x224 without interpreting every
-    program (tests/test_bench_run.py checks the equality on a small network).
-    Outputs hold uninitialised memory; never use this for numbers or traffic.
-    """
-    from triton.runtime import interpreter as interp
-
-    cls = interp.GridExecutor
-    orig = cls.__call__
-    cls.__call__ = lambda self, *a, **k: None
-    try:
-        yield
-    finally:
-        cls.__call__ = orig
+# shape-only runs (kernel bodies skipped): shared with the AOT capture
+from scconv_triton.testing import skip_triton_launches  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- the dispatch mode

@@ -68,8 +68,13 @@ def saved_bytes(model: torch.nn.Module, x: torch.Tensor, shapes_only: bool = Fal
 
 
 def run_networks(device="cpu", batch=None, size=224, fused=False, times=None, tools=None, quiet=False,
-                 num_classes=1000, which=None) -> list:
-    """Measure every network of NETWORKS (fused ones only if ``fused``); returns a list of dicts."""
+                 num_classes=1000, which=None, compile_fn=None) -> list:
+    """Measure every network of NETWORKS (fused ones only if ``fused``); returns a list of dicts.
+
+    ``compile_fn`` (e.g. ``torch.compile``): time and measure the peak of ``compile_fn(model)``
+    instead; such rows are labelled ``... + torch.compile`` and carry no saved bytes (the
+    compiled graph's saved tensors are not what eager autograd keeps).
+    """
     times = (device == "cuda") if times is None else times
     batch = batch or 2
     rows = []
@@ -80,7 +85,7 @@ def run_networks(device="cpu", batch=None, size=224, fused=False, times=None, to
     todo = [n for n in NETWORKS if (fused or not n[2].get("fused")) and (which is None or n[0] in which)]
     for i, (label, fn, kw) in enumerate(todo):
         t0 = time.perf_counter()
-        row = {"network": label, "batch": batch, "size": size}
+        row = {"network": label + (" + torch.compile" if compile_fn else ""), "batch": batch, "size": size}
         try:
             build = getattr(models, fn)
             torch.manual_seed(0)
@@ -89,8 +94,11 @@ def run_networks(device="cpu", batch=None, size=224, fused=False, times=None, to
             # On a CPU the fused networks' kernels would run in the interpreter for
             # many minutes; saved bytes depend only on shapes, so skip their bodies.
             shapes_only = device == "cpu" and bool(kw.get("fused"))
-            row.update(saved_bytes(model, x, shapes_only=shapes_only))
-            row["shapes_only"] = shapes_only
+            if compile_fn is None:
+                row.update(saved_bytes(model, x, shapes_only=shapes_only))
+                row["shapes_only"] = shapes_only
+            else:
+                model = compile_fn(model.train())
             if times:
                 if tools is None:
                     from benchmarks.run import GpuTools
@@ -129,15 +137,18 @@ def format_networks(rows) -> str:
         if r.get("error"):
             out.append(f"  {r['network']:26s} n/a ({r['error']})")
             continue
-        mb = r["saved_bytes"] / 2**20
         fam = r["network"].split("-")[-1].split(" ")[0]  # 50 / R50 / 121 / D121
         key = "R" if fam in ("50", "R50") else "D"
         ratio = ""
-        if r["network"] in ("ResNet-50", "DenseNet-121"):
-            base[key] = r["saved_bytes"]
-        elif key in base:
-            ratio = f"  ({r['saved_bytes'] / base[key]:.2f}x)"
-        line = f"  {r['network']:26s} batch {r['batch']} @{r['size']}: saved {mb:8.1f} MiB{ratio}"
+        if r.get("saved_bytes") is None:
+            saved = "saved        - MiB"
+        else:
+            if r["network"] in ("ResNet-50", "DenseNet-121"):
+                base[key] = r["saved_bytes"]
+            elif key in base:
+                ratio = f"  ({r['saved_bytes'] / base[key]:.2f}x)"
+            saved = f"saved {r['saved_bytes'] / 2**20:8.1f} MiB"
+        line = f"  {r['network']:26s} batch {r['batch']} @{r['size']}: {saved}{ratio}"
         if r.get("peak_bytes") is not None:
             line += f"  peak {r['peak_bytes'] / 2**20:8.1f} MiB"
         if r.get("step_ms") is not None:

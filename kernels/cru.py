@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import NUM_WARPS, acc, acc_dtype, cdiv, chw_tiles, launcher, memory_format, np2, pix_off, strides4
+
 __all__ = [
     "cru_weights",
     "cru_pool",
@@ -35,29 +37,15 @@ __all__ = [
     "cru_combine_bwd",
     "cru_dsq",
     "cru_wgrad",
-    "aot_specs",
 ]
 
 
 # ----------------------------------------------------------------------------- helpers
 @triton.jit
-def _acc(x, F64: tl.constexpr):
-    """Cast to the accumulation type: fp64 when F64 else fp32."""
-    if F64:
-        y = x.to(tl.float64)
-    else:
-        y = x.to(tl.float32)
-    return y
-
-
-@triton.jit
 def _hw_offsets(start, HW, Wo, s_h, s_w, BLOCK_HW: tl.constexpr):
     """Flat spatial indices [start, start + BLOCK_HW) -> (int64 offsets, mask)."""
     hw = start + tl.arange(0, BLOCK_HW)
-    hm = hw < HW
-    h = (hw // Wo).to(tl.int64)
-    w = (hw % Wo).to(tl.int64)
-    return h * s_h + w * s_w, hm
+    return pix_off(hw.to(tl.int64), Wo, s_h, s_w, False), hw < HW
 
 
 @triton.jit
@@ -138,7 +126,7 @@ def _cru_weights_kernel(
     wg = tl.load(wg_ptr + co * swg_o + (ci - g_i * CIG) * swg_i + kh * swg_h + kw * swg_w, mask=in_blk, other=0.0)
     ctr = msk & (kh == KS // 2) & (kw == KS // 2)
     w1 = tl.load(w1_ptr + co * sw1_o + ci * sw1_i, mask=ctr, other=0.0)
-    val = _acc(wg, F64) + _acc(w1, F64)
+    val = acc(wg, F64) + acc(w1, F64)
     tl.store(wm_ptr + co * swm_o + ci * swm_i + kh * swm_h + kw * swm_w, val.to(wm_ptr.dtype.element_ty), mask=msk)
     # squeeze weight
     msk2 = idx < TOTAL2
@@ -150,7 +138,7 @@ def _cru_weights_kernel(
     v2 = msk2 & (o >= USQ) & (i2 >= 0)
     q1 = tl.load(wq1_ptr + o * sq1_o + i * sq1_i, mask=v1, other=0.0)
     q2 = tl.load(wq2_ptr + (o - USQ) * sq2_o + i2 * sq2_i, mask=v2, other=0.0)
-    q = _acc(q1, F64) + _acc(q2, F64)
+    q = acc(q1, F64) + acc(q2, F64)
     tl.store(wsq_ptr + idx, q.to(wsq_ptr.dtype.element_ty), mask=msk2)
 
 
@@ -185,20 +173,20 @@ def _cru_zsum_kernel(
     y_row = y1_ptr + n * sy_n + c64 * sy_c
     p_row = p2_ptr + n * sp_n + c64 * sp_c
     i_row = id_ptr + n * si_n + (c64 - P) * si_c
-    acc1 = _acc(tl.zeros([BLOCK_C, BLOCK_HW], tl.float32), F64)
-    acc2 = _acc(tl.zeros([BLOCK_C, BLOCK_HW], tl.float32), F64)
+    acc1 = acc(tl.zeros([BLOCK_C, BLOCK_HW], tl.float32), F64)
+    acc2 = acc(tl.zeros([BLOCK_C, BLOCK_HW], tl.float32), F64)
     for start in range(0, HW, BLOCK_HW):
         oy, hm = _hw_offsets(start, HW, Wo, sy_h, sy_w, BLOCK_HW)
         op, _ = _hw_offsets(start, HW, Wo, sp_h, sp_w, BLOCK_HW)
         oi, _ = _hw_offsets(start, HW, Wo, si_h, si_w, BLOCK_HW)
         mm = cm[:, None] & hm[None, :]
-        y = _acc(tl.load(y_row[:, None] + oy[None, :], mask=mm, other=0.0), F64)
+        y = acc(tl.load(y_row[:, None] + oy[None, :], mask=mm, other=0.0), F64)
         p = tl.load(p_row[:, None] + op[None, :], mask=isp[:, None] & hm[None, :], other=0.0)
         q = tl.load(i_row[:, None] + oi[None, :], mask=isi[:, None] & hm[None, :], other=0.0)
-        y2 = _acc(p, F64) + _acc(q, F64)
+        y2 = acc(p, F64) + acc(q, F64)
         if WEIGHTED:
             od, _ = _hw_offsets(start, HW, Wo, sd_h, sd_w, BLOCK_HW)
-            d = _acc(tl.load(d_row[:, None] + od[None, :], mask=mm, other=0.0), F64)
+            d = acc(tl.load(d_row[:, None] + od[None, :], mask=mm, other=0.0), F64)
             acc1 += d * y
             acc2 += d * y2
         else:
@@ -264,7 +252,7 @@ def _cru_combine_kernel(
         p = tl.load(p2_ptr + n * sp_n + c64[:, None] * sp_c + op[None, :], mask=isp[:, None] & hm[None, :], other=0.0)
         q = tl.load(id_ptr + n * si_n + (c64[:, None] - P) * si_c + oi[None, :], mask=isi[:, None] & hm[None, :],
                     other=0.0)
-        o = a1[:, None] * _acc(y, F64) + a2[:, None] * (_acc(p, F64) + _acc(q, F64))
+        o = a1[:, None] * acc(y, F64) + a2[:, None] * (acc(p, F64) + acc(q, F64))
         tl.store(out_ptr + n * so_n + c64[:, None] * so_c + oo[None, :], o.to(out_ptr.dtype.element_ty), mask=mm)
 
 
@@ -328,7 +316,7 @@ def _cru_combine_bwd_kernel(
             k1 = a1 * (g1 - dot) / HW
             k2 = a2 * (g2 - dot) / HW
         mm = cm[:, None] & hm[None, :]
-        d = _acc(tl.load(do_ptr + n * sd_n + c64[:, None] * sd_c + od[None, :], mask=mm, other=0.0), F64)
+        d = acc(tl.load(do_ptr + n * sd_n + c64[:, None] * sd_c + od[None, :], mask=mm, other=0.0), F64)
         dy1 = a1[:, None] * d + k1[:, None]
         dy2 = (a2[:, None] * d + k2[:, None]).to(dp2_ptr.dtype.element_ty)
         tl.store(dy1_ptr + n * sy_n + c64[:, None] * sy_c + oy[None, :], dy1.to(dy1_ptr.dtype.element_ty), mask=mm)
@@ -375,11 +363,11 @@ def _cru_dsq_kernel(
                 mask=isu[:, None] & hm[None, :], other=0.0)
     q = tl.load(di_ptr + n * si_n + (c64[:, None] - CU) * si_c + (ho * si_h + wo * si_w)[None, :],
                 mask=isl[:, None] & on_grid[None, :], other=0.0)
-    v = _acc(u, F64) + _acc(q, F64)
+    v = acc(u, F64) + acc(q, F64)
     if HAS_LOW:
         lo = tl.load(dl_ptr + n * sl_n + (c64[:, None] - CU) * sl_c + (h * sl_h + w * sl_w)[None, :],
                      mask=isl[:, None] & hm[None, :], other=0.0)
-        v += _acc(lo, F64)
+        v += acc(lo, F64)
     tl.store(out_ptr + n * so_n + c64[:, None] * so_c + (h * so_h + w * so_w)[None, :],
              v.to(out_ptr.dtype.element_ty), mask=cm[:, None] & hm[None, :])
 
@@ -418,58 +406,24 @@ def _cru_wgrad_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
-_NUM_WARPS = 4
 _WBLOCK = 256
-
-
-def _s4(t: torch.Tensor):
-    return tuple(t.stride()) if t.numel() else (0, 0, 0, 0)
 
 
 def _is_f64(t: torch.Tensor) -> bool:
     return t.dtype == torch.float64
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the small per-(n, channel) statistics: fp64 for fp64, else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tiles(t: torch.Tensor, channels: int, hw: int, loop: bool = False):
-    """(BLOCK_C, BLOCK_HW) for a (N, C, H, W) activation: spatial-major tiles when the
-    spatial dimension is the contiguous one (NCHW), channel-major for channels_last.
-    ``loop``: the tile of the reduction kernels (pool, reduce), which loop over H*W.
-    Sizes keep every kernel under ~100 registers (see aot_specs)."""
-    cl = t.dim() == 4 and t.stride(1) == 1 and channels > 1
-    bc, bhw = _TILES[(cl, loop)]
-    bc = min(bc, triton.next_power_of_2(max(channels, 1)))
-    bhw = min(bhw, triton.next_power_of_2(max(hw, 1)))
-    return bc, bhw
-
-
-# (channels_last, loop) -> (BLOCK_C, BLOCK_HW)
-_TILES = {
-    (False, False): (8, 128),
-    (True, False): (32, 32),
-    (False, True): (4, 256),
-    (True, True): (16, 32),
-}
-
-
 def _c_iters(c: int, bc: int) -> int:
     """Channel blocks per program of the combine kernels: up to 64 channels, so the
     per-sample softmax row (2C values) is read once per 64 x BLOCK_HW outputs."""
-    return max(1, min(triton.cdiv(c, bc), 64 // bc))
+    return max(1, min(cdiv(c, bc), 64 // bc))
 
 
 def _block_m(c: int) -> int:
-    return min(1024, triton.next_power_of_2(2 * c))
+    return min(1024, np2(2 * c))
 
 
-def _memfmt(channels_last: bool):
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
+@launcher
 def cru_weights(w_gwc, w_pwc1, w_sq1, w_sq2, groups: int, channels_last: bool):
     """Merged Y1 weight (C, up_sq, k, k) (channels_last strides if asked) and the
     squeeze weight for the backward: (up_sq + low_sq, u, 1, 1) (cat, use groups=2)
@@ -480,11 +434,11 @@ def cru_weights(w_gwc, w_pwc1, w_sq1, w_sq2, groups: int, channels_last: bool):
     lsq, l_ = w_sq2.shape[:2]
     grouped = int(u == l_)
     qin = u if grouped else u + l_
-    wm = torch.empty((c, cin, k, k), dtype=w_gwc.dtype, device=w_gwc.device, memory_format=_memfmt(channels_last))
+    wm = torch.empty((c, cin, k, k), dtype=w_gwc.dtype, device=w_gwc.device, memory_format=memory_format(channels_last))
     wsq = torch.empty((usq + lsq, qin, 1, 1), dtype=w_sq1.dtype, device=w_sq1.device)
     total1 = wm.numel()
     total2 = wsq.numel()
-    grid = (triton.cdiv(max(total1, total2), _WBLOCK),)
+    grid = (cdiv(max(total1, total2), _WBLOCK),)
     _cru_weights_kernel[grid](
         w_gwc, w_pwc1, w_sq1, w_sq2, wm, wsq,
         c, cin, cig, c // groups, k,
@@ -493,7 +447,7 @@ def cru_weights(w_gwc, w_pwc1, w_sq1, w_sq2, groups: int, channels_last: bool):
         w_pwc1.stride(0), w_pwc1.stride(1),
         *wm.stride(),
         w_sq1.stride(0), w_sq1.stride(1), w_sq2.stride(0), w_sq2.stride(1),
-        BLOCK=_WBLOCK, F64=_is_f64(wm), num_warps=_NUM_WARPS,
+        BLOCK=_WBLOCK, F64=_is_f64(wm), num_warps=NUM_WARPS,
     )
     return wm, wsq
 
@@ -502,24 +456,26 @@ def _zsum(dout, y1, p2, ident):
     n, c, ho, wo = y1.shape
     hw = ho * wo
     out = torch.empty((n, 2 * c), dtype=acc_dtype(y1.dtype), device=y1.device)
-    bc, bhw = _tiles(y1, c, hw, loop=True)
+    bc, bhw = chw_tiles(y1, c, hw, loop=True)
     p2a = p2 if p2.numel() else ident
     weighted = dout is not None
-    grid = (n, triton.cdiv(c, bc))
+    grid = (n, cdiv(c, bc))
     _cru_zsum_kernel[grid](
         dout if weighted else y1, y1, p2a, ident, out,
         c, p2.shape[1], wo, hw,
-        *(dout.stride() if weighted else (0, 0, 0, 0)), *y1.stride(), *_s4(p2), *ident.stride(),
-        WEIGHTED=weighted, BLOCK_C=bc, BLOCK_HW=bhw, F64=_is_f64(y1), num_warps=_NUM_WARPS,
+        *(dout.stride() if weighted else (0, 0, 0, 0)), *y1.stride(), *strides4(p2), *ident.stride(),
+        WEIGHTED=weighted, BLOCK_C=bc, BLOCK_HW=bhw, F64=_is_f64(y1), num_warps=NUM_WARPS,
     )
     return out
 
 
+@launcher
 def cru_pool(y1, p2, ident):
     """m (N, 2C): per (n, channel) means of Y1 and of Y2 = [p2, ident] (read in place)."""
     return _zsum(None, y1, p2, ident)
 
 
+@launcher
 def cru_combine(y1, p2, ident, m, pairwise: bool):
     """(out, A): out = A1*Y1 + A2*Y2 (same dtype and memory format as y1), A (N, 2C)."""
     n, c, ho, wo = y1.shape
@@ -527,70 +483,74 @@ def cru_combine(y1, p2, ident, m, pairwise: bool):
     hw = ho * wo
     out = torch.empty_like(y1)
     a = torch.empty_like(m)
-    bc, bhw = _tiles(y1, c, hw)
+    bc, bhw = chw_tiles(y1, c, hw)
     ci = _c_iters(c, bc)
     p2a = p2 if p2.numel() else ident
-    grid = (n * triton.cdiv(hw, bhw), triton.cdiv(c, bc * ci))
+    grid = (n * cdiv(hw, bhw), cdiv(c, bc * ci))
     _cru_combine_kernel[grid](
         y1, p2a, ident, m, out, a,
         c, p, wo, hw,
-        *y1.stride(), *_s4(p2), *ident.stride(), *out.stride(), ci,
+        *y1.stride(), *strides4(p2), *ident.stride(), *out.stride(), ci,
         PAIRWISE=bool(pairwise), BLOCK_C=bc, BLOCK_HW=bhw, BLOCK_M=_block_m(c),
-        F64=_is_f64(y1), num_warps=_NUM_WARPS,
+        F64=_is_f64(y1), num_warps=NUM_WARPS,
     )
     return out, a
 
 
+@launcher
 def cru_reduce(dout, y1, p2, ident):
     """dA (N, 2C): per (n, channel) sums of dout * Y1 and dout * Y2."""
     return _zsum(dout, y1, p2, ident)
 
 
+@launcher
 def cru_combine_bwd(dout, a, da, p: int, pairwise: bool, dtype: torch.dtype, channels_last: bool):
     """(dY1, dP2, dident): gradients of Y1 (N, C, Ho, Wo), P2 (N, p, Ho, Wo) and the
     identity branch (N, C - p, Ho, Wo), in ``dtype`` and the given memory format."""
     n, c, ho, wo = dout.shape
     hw = ho * wo
-    fmt = _memfmt(channels_last)
+    fmt = memory_format(channels_last)
     kw = dict(dtype=dtype, device=dout.device, memory_format=fmt)
     dy1 = torch.empty((n, c, ho, wo), **kw)
     dp2 = torch.empty((n, p, ho, wo), **kw)
     did = torch.empty((n, c - p, ho, wo), **kw)
-    bc, bhw = _tiles(dy1, c, hw)
+    bc, bhw = chw_tiles(dy1, c, hw)
     ci = _c_iters(c, bc)
     dp2a = dp2 if dp2.numel() else did
-    grid = (n * triton.cdiv(hw, bhw), triton.cdiv(c, bc * ci))
+    grid = (n * cdiv(hw, bhw), cdiv(c, bc * ci))
     _cru_combine_bwd_kernel[grid](
         dout, a, da, dy1, dp2a, did,
         c, p, wo, hw,
-        *dout.stride(), *dy1.stride(), *_s4(dp2), *did.stride(), ci,
+        *dout.stride(), *dy1.stride(), *strides4(dp2), *did.stride(), ci,
         PAIRWISE=bool(pairwise), BLOCK_C=bc, BLOCK_HW=bhw, BLOCK_M=_block_m(c),
-        F64=dtype == torch.float64, num_warps=_NUM_WARPS,
+        F64=dtype == torch.float64, num_warps=NUM_WARPS,
     )
     return dy1, dp2, did
 
 
+@launcher
 def cru_dsq(d_up, d_low, d_id, stride: int, channels_last: bool):
     """d_sq (N, CU + CL, H, W) = [d_up, d_low + d_id scattered at stride ``stride``].
     ``d_low`` may be empty (PWC2 has no channels): then only d_id contributes."""
     n, cu, h, w = d_up.shape
     cl = d_id.shape[1]
     ho, wo = d_id.shape[2:]
-    out = torch.empty((n, cu + cl, h, w), dtype=d_up.dtype, device=d_up.device, memory_format=_memfmt(channels_last))
+    out = torch.empty((n, cu + cl, h, w), dtype=d_up.dtype, device=d_up.device, memory_format=memory_format(channels_last))
     hw = h * w
-    bc, bhw = _tiles(out, cu + cl, hw)
+    bc, bhw = chw_tiles(out, cu + cl, hw)
     has_low = d_low.numel() > 0
     dla = d_low if has_low else d_id
-    grid = (n * triton.cdiv(hw, bhw), triton.cdiv(cu + cl, bc))
+    grid = (n * cdiv(hw, bhw), cdiv(cu + cl, bc))
     _cru_dsq_kernel[grid](
         d_up, dla, d_id, out,
         cu, cl, w, hw, wo, stride,
-        *d_up.stride(), *_s4(d_low), *d_id.stride(), *out.stride(),
-        HAS_LOW=has_low, BLOCK_C=bc, BLOCK_HW=bhw, F64=_is_f64(out), num_warps=_NUM_WARPS,
+        *d_up.stride(), *strides4(d_low), *d_id.stride(), *out.stride(),
+        HAS_LOW=has_low, BLOCK_C=bc, BLOCK_HW=bhw, F64=_is_f64(out), num_warps=NUM_WARPS,
     )
     return out
 
 
+@launcher
 def cru_wgrad(dwm, groups: int):
     """(dGWC (C, CIN/groups, k, k), dPWC1 (C, CIN, 1, 1)), both contiguous, from the
     merged weight's gradient dwm (C, CIN, k, k)."""
@@ -599,72 +559,11 @@ def cru_wgrad(dwm, groups: int):
     dg = torch.empty((c, cig, k, k), dtype=dwm.dtype, device=dwm.device)
     d1 = torch.empty((c, cin, 1, 1), dtype=dwm.dtype, device=dwm.device)
     total1, total2 = dg.numel(), d1.numel()
-    grid = (triton.cdiv(max(total1, total2), _WBLOCK),)
+    grid = (cdiv(max(total1, total2), _WBLOCK),)
     _cru_wgrad_kernel[grid](
         dwm, dg, d1,
         cin, cig, c // groups, k, total1, total2,
         *dwm.stride(),
-        BLOCK=_WBLOCK, num_warps=_NUM_WARPS,
+        BLOCK=_WBLOCK, num_warps=NUM_WARPS,
     )
     return dg, d1
-
-
-# ----------------------------------------------------------------------------- AOT
-def aot_specs():
-    """Specialisations the launchers use on a GPU, for test_aot: fp32 with the NCHW
-    tiles and bf16 with the channels_last tiles of ``_TILES`` (channel softmax)."""
-    from scconv_triton.testing import AotSpec
-
-    def sig(names, types):
-        return dict(zip(names, types))
-
-    specs = []
-    for dt, cl in (("fp32", False), ("bf16", True)):
-        ebc, ebhw = _TILES[(cl, False)]
-        lbc, lbhw = _TILES[(cl, True)]
-        p = "*" + dt
-        f = "*fp32"  # statistics (m, A, dA) are fp32 for fp32 and 16-bit inputs
-        i32 = "i32"
-        strides4 = [i32] * 4
-        # weights
-        names = ["wg_ptr", "w1_ptr", "wq1_ptr", "wq2_ptr", "wm_ptr", "wsq_ptr",
-                 "C", "CIN", "CIG", "COG", "KS", "U", "USQ", "QIN", "TOTAL1", "TOTAL2", "GROUPED",
-                 "swg_o", "swg_i", "swg_h", "swg_w", "sw1_o", "sw1_i",
-                 "swm_o", "swm_i", "swm_h", "swm_w", "sq1_o", "sq1_i", "sq2_o", "sq2_i",
-                 "BLOCK", "F64"]
-        types = [p] * 6 + [i32] * 11 + [i32] * 14 + ["constexpr"] * 2
-        specs.append(AotSpec(_cru_weights_kernel, sig(names, types), {"BLOCK": _WBLOCK, "F64": False}, _NUM_WARPS))
-        act = ["n", "c", "h", "w"]
-        # pool (NCHW tiles) and combine (channels_last tiles)
-        zsum = ["do_ptr", "y1_ptr", "p2_ptr", "id_ptr", "out_ptr", "C", "P", "Wo", "HW"] + \
-            [f"s{t}_{a}" for t in "dypi" for a in act] + ["WEIGHTED", "BLOCK_C", "BLOCK_HW", "F64"]
-        ztypes = [p, p, p, p, f] + [i32] * 4 + strides4 * 4 + ["constexpr"] * 4
-        specs.append(AotSpec(_cru_zsum_kernel, sig(zsum, ztypes),
-                             {"WEIGHTED": False, "BLOCK_C": lbc, "BLOCK_HW": lbhw, "F64": False}, _NUM_WARPS))
-        names = ["y1_ptr", "p2_ptr", "id_ptr", "m_ptr", "out_ptr", "a_ptr", "C", "P", "Wo", "HW"] + \
-            [f"s{t}_{a}" for t in "ypio" for a in act] + ["C_ITERS", "PAIRWISE", "BLOCK_C", "BLOCK_HW", "BLOCK_M", "F64"]
-        types = [p, p, p, f, p, f] + [i32] * 4 + strides4 * 4 + [i32] + ["constexpr"] * 5
-        specs.append(AotSpec(_cru_combine_kernel, sig(names, types),
-                             {"PAIRWISE": False, "BLOCK_C": ebc, "BLOCK_HW": ebhw, "BLOCK_M": 1024,
-                              "F64": False},
-                             _NUM_WARPS))
-        # backward
-        specs.append(AotSpec(_cru_zsum_kernel, sig(zsum, ztypes),
-                             {"WEIGHTED": True, "BLOCK_C": lbc, "BLOCK_HW": lbhw, "F64": False}, _NUM_WARPS))
-        names = ["do_ptr", "a_ptr", "da_ptr", "dy1_ptr", "dp2_ptr", "did_ptr", "C", "P", "Wo", "HW"] + \
-            [f"s{t}_{a}" for t in "dypi" for a in act] + ["C_ITERS", "PAIRWISE", "BLOCK_C", "BLOCK_HW", "BLOCK_M", "F64"]
-        types = [p, f, f, p, p, p] + [i32] * 4 + strides4 * 4 + [i32] + ["constexpr"] * 5
-        specs.append(AotSpec(_cru_combine_bwd_kernel, sig(names, types),
-                             {"PAIRWISE": False, "BLOCK_C": ebc, "BLOCK_HW": ebhw, "BLOCK_M": 1024,
-                              "F64": False},
-                             _NUM_WARPS))
-        names = ["du_ptr", "dl_ptr", "di_ptr", "out_ptr", "CU", "CL", "W", "HW", "Wo", "STRIDE"] + \
-            [f"s{t}_{a}" for t in "ulio" for a in act] + ["HAS_LOW", "BLOCK_C", "BLOCK_HW", "F64"]
-        types = [p] * 4 + [i32] * 6 + strides4 * 4 + ["constexpr"] * 4
-        specs.append(AotSpec(_cru_dsq_kernel, sig(names, types),
-                             {"HAS_LOW": True, "BLOCK_C": ebc, "BLOCK_HW": ebhw, "F64": False}, _NUM_WARPS))
-        names = ["dwm_ptr", "dg_ptr", "d1_ptr", "CIN", "CIG", "COG", "KS", "TOTAL1", "TOTAL2",
-                 "sm_o", "sm_i", "sm_h", "sm_w", "BLOCK"]
-        types = [p] * 3 + [i32] * 6 + strides4 + ["constexpr"]
-        specs.append(AotSpec(_cru_wgrad_kernel, sig(names, types), {"BLOCK": _WBLOCK}, _NUM_WARPS))
-    return specs

@@ -39,36 +39,21 @@ fixed order, so results are bitwise reproducible.
 """
 from __future__ import annotations
 
-import struct
-
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["sru_stats", "sru_apply", "sru_backward", "aot_specs"]
+from ._launch import (
+    FLOATS, NUM_WARPS, acc, cdiv, acc_dtype, launcher, np2, pix_off, pixel_layout, split_float, stream_tiles,
+    target_programs,
+)
+
+__all__ = ["sru_stats", "sru_apply", "sru_backward"]
 
 
 # ----------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------
-@triton.jit
-def _acc(v, FP64: tl.constexpr):
-    """Cast to the accumulation dtype: fp64 when FP64, else fp32."""
-    if FP64:
-        return tl.cast(v, tl.float64)
-    else:
-        return tl.cast(v, tl.float32)
-
-
-@triton.jit
-def _pix_off(p, W, s_h, s_w, FLAT: tl.constexpr):
-    """Element offset of flat pixel index p (int64). FLAT: offset = p * s_w."""
-    if FLAT:
-        return p * s_w
-    else:
-        return (p // W) * s_h + (p % W) * s_w
-
-
 @triton.jit
 def _pair_tile(pid, HALF, HW, N_CB, N_PB, BC: tl.constexpr, BP: tl.constexpr):
     """Tile of a pair kernel: sample n, channels c < HALF and partners c + HALF, BP pixels.
@@ -92,17 +77,17 @@ def _pair_tile(pid, HALF, HW, N_CB, N_PB, BC: tl.constexpr, BP: tl.constexpr):
 def _weight_sum(w_ptr, C, FP64: tl.constexpr, BLOCK_W: tl.constexpr):
     """sum(gamma) over the C channels (contiguous weight), fixed order."""
     offs = tl.arange(0, BLOCK_W)
-    acc = _acc(tl.zeros([BLOCK_W], tl.float32), FP64)
+    tot = acc(tl.zeros([BLOCK_W], tl.float32), FP64)
     for c0 in range(0, C, BLOCK_W):
-        acc += _acc(tl.load(w_ptr + c0 + offs, mask=c0 + offs < C, other=0.0), FP64)
-    return tl.sum(acc, axis=0)
+        tot += acc(tl.load(w_ptr + c0 + offs, mask=c0 + offs < C, other=0.0), FP64)
+    return tl.sum(tot, axis=0)
 
 
 @triton.jit
 def _get_wsum(w_ptr, wsum_ptr, C, HAS_WSUM: tl.constexpr, FP64: tl.constexpr, BLOCK_W: tl.constexpr):
     """sum(gamma): one load from wsum_ptr when HAS_WSUM, else summed here."""
     if HAS_WSUM:
-        return _acc(tl.load(wsum_ptr), FP64)
+        return acc(tl.load(wsum_ptr), FP64)
     else:
         return _weight_sum(w_ptr, C, FP64, BLOCK_W)
 
@@ -122,9 +107,9 @@ def _channel_params(n, c, mask_c, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum,
         hi = mu.to(tl.float32)
         lo = (mu - hi.to(tl.float64)).to(tl.float32)
         lo = tl.where(tl.abs(hi) < float("inf"), lo, 0.0)  # inf / nan mean: no nan from inf - inf
-    rs = _acc(tl.load(rstd_ptr + grp, mask=mask_c, other=0.0), FP64)
-    gam = _acc(tl.load(w_ptr + c, mask=mask_c, other=0.0), FP64)
-    bet = _acc(tl.load(b_ptr + c, mask=mask_c, other=0.0), FP64)
+    rs = acc(tl.load(rstd_ptr + grp, mask=mask_c, other=0.0), FP64)
+    gam = acc(tl.load(w_ptr + c, mask=mask_c, other=0.0), FP64)
+    bet = acc(tl.load(b_ptr + c, mask=mask_c, other=0.0), FP64)
     return (hi, lo), rs, gam, bet, gam / wsum
 
 
@@ -167,8 +152,8 @@ def _sru_stats_partial_kernel(
     n_tiles = tl.cdiv(CG, BJ) * n_pb
     t0 = pid_s * TILES_PER_PROG
     t1 = tl.minimum(t0 + TILES_PER_PROG, n_tiles)
-    shift = _acc(tl.load(x_ptr + base), FP64)
-    zero = tl.sum(_acc(tl.zeros([BJ], tl.float32), FP64), axis=0)
+    shift = acc(tl.load(x_ptr + base), FP64)
+    zero = tl.sum(acc(tl.zeros([BJ], tl.float32), FP64), axis=0)
     cnt = zero
     mean = zero
     m2 = zero
@@ -178,9 +163,9 @@ def _sru_stats_partial_kernel(
         j = jb * BJ + tl.arange(0, BJ)
         p = pb * BP + tl.arange(0, BP)
         m = (j < CG)[:, None] & (p < HW)[None, :]
-        offs = base + j.to(tl.int64)[:, None] * sx_c + _pix_off(p.to(tl.int64), W, sx_h, sx_w, FLAT)[None, :]
-        v = tl.where(m, _acc(tl.load(x_ptr + offs, mask=m, other=0.0), FP64) - shift, 0.0)
-        nb = _acc(tl.minimum(CG - jb * BJ, BJ) * tl.minimum(HW - pb * BP, BP), FP64)
+        offs = base + j.to(tl.int64)[:, None] * sx_c + pix_off(p.to(tl.int64), W, sx_h, sx_w, FLAT)[None, :]
+        v = tl.where(m, acc(tl.load(x_ptr + offs, mask=m, other=0.0), FP64) - shift, 0.0)
+        nb = acc(tl.minimum(CG - jb * BJ, BJ) * tl.minimum(HW - pb * BP, BP), FP64)
         mb = tl.sum(tl.sum(v, axis=1), axis=0) / nb
         d = tl.where(m, v - mb, 0.0)
         m2b = tl.sum(tl.sum(d * d, axis=1), axis=0)
@@ -218,7 +203,7 @@ def _sru_stats_merge_kernel(
             tl.store(wsum_ptr, _weight_sum(w_ptr, C, FP64, BLOCK_W))
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = rows < NG
-    zero = _acc(tl.zeros([BLOCK], tl.float32), FP64)
+    zero = acc(tl.zeros([BLOCK], tl.float32), FP64)
     cnt = zero
     mean = zero
     m2 = zero
@@ -237,8 +222,8 @@ def _sru_stats_merge_kernel(
     # the low bits that one fp32 mean would round away (up to ulp(mean) / 2).
     mean64 = mean.to(tl.float64) + tl.load(part_ptr + rows.to(tl.int64) * SPLIT * 4 + 3, mask=mask,
                                            other=0.0).to(tl.float64)
-    eps = _acc(eps_hi, FP64) + _acc(eps_lo, FP64)
-    mf = _acc(M, FP64)
+    eps = acc(eps_hi, FP64) + acc(eps_lo, FP64)
+    mf = acc(M, FP64)
     if TORCH_GN:
         rstd = 1.0 / tl.sqrt(m2 / mf + eps)
     else:
@@ -268,11 +253,11 @@ def _sru_apply_kernel(
     """
     n, n64, c, cp, mc, m, p64 = _pair_tile(tl.program_id(0), HALF, HW, N_CB, N_PB, BC, BP)
     wsum = _get_wsum(w_ptr, wsum_ptr, C, HAS_WSUM, FP64, BLOCK_W)
-    tau = _acc(tau_hi, FP64) + _acc(tau_lo, FP64)
+    tau = acc(tau_hi, FP64) + acc(tau_lo, FP64)
 
-    xo = _pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
-    xa = _acc(tl.load(x_ptr + xo + c.to(tl.int64)[:, None] * sx_c, mask=m, other=0.0), FP64)
-    xb = _acc(tl.load(x_ptr + xo + cp.to(tl.int64)[:, None] * sx_c, mask=m, other=0.0), FP64)
+    xo = pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
+    xa = acc(tl.load(x_ptr + xo + c.to(tl.int64)[:, None] * sx_c, mask=m, other=0.0), FP64)
+    xb = acc(tl.load(x_ptr + xo + cp.to(tl.int64)[:, None] * sx_c, mask=m, other=0.0), FP64)
     mu, rs, gam, bet, wg = _channel_params(n, c, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum, FP64)
     _, ra = _reweight(xa, mu, rs, gam, bet, wg)
     mu, rs, gam, bet, wg = _channel_params(n, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum, FP64)
@@ -285,7 +270,7 @@ def _sru_apply_kernel(
     else:
         oa = tl.where(ra > tau, 1.0, ra) * xa + tl.where(rb > tau, 0.0, rb) * xb
         ob = tl.where(rb > tau, 1.0, rb) * xb + tl.where(ra > tau, 0.0, ra) * xa
-    oo = _pix_off(p64, W, so_h, so_w, FLAT)[None, :] + n64 * so_n
+    oo = pix_off(p64, W, so_h, so_w, FLAT)[None, :] + n64 * so_n
     odt = out_ptr.dtype.element_ty
     tl.store(out_ptr + oo + c.to(tl.int64)[:, None] * so_c, oa.to(odt), mask=m)
     tl.store(out_ptr + oo + cp.to(tl.int64)[:, None] * so_c, ob.to(odt), mask=m)
@@ -323,10 +308,10 @@ def _sru_bwd_partial_kernel(
     c64 = c.to(tl.int64)[:, None]
     cp64 = cp.to(tl.int64)[:, None]
     wsum = _weight_sum(w_ptr, C, FP64, BLOCK_W)
-    tau = _acc(tau_hi, FP64) + _acc(tau_lo, FP64)
+    tau = acc(tau_hi, FP64) + acc(tau_lo, FP64)
     mua, rsa, gama, beta_, wga = _channel_params(n, c, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum, FP64)
     mub, rsb, gamb, betb, wgb = _channel_params(n, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum, FP64)
-    zero = _acc(tl.zeros([BC, BP], tl.float32), FP64)
+    zero = acc(tl.zeros([BC, BP], tl.float32), FP64)
     pa = zero
     qa = zero
     pbv = zero
@@ -337,11 +322,11 @@ def _sru_bwd_partial_kernel(
         p = pb * BP + tl.arange(0, BP)
         m = mc[:, None] & (p < HW)[None, :]
         p64 = p.to(tl.int64)
-        xo = _pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
-        do = _pix_off(p64, W, sd_h, sd_w, FLAT)[None, :] + n64 * sd_n
-        xa = _acc(tl.load(x_ptr + xo + c64 * sx_c, mask=m, other=0.0), FP64)
-        xb = _acc(tl.load(x_ptr + xo + cp64 * sx_c, mask=m, other=0.0), FP64)
-        dsum = _acc(tl.load(ds_ptr + do + c64 * sd_c, mask=m, other=0.0), FP64) + _acc(
+        xo = pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
+        do = pix_off(p64, W, sd_h, sd_w, FLAT)[None, :] + n64 * sd_n
+        xa = acc(tl.load(x_ptr + xo + c64 * sx_c, mask=m, other=0.0), FP64)
+        xb = acc(tl.load(x_ptr + xo + cp64 * sx_c, mask=m, other=0.0), FP64)
+        dsum = acc(tl.load(ds_ptr + do + c64 * sd_c, mask=m, other=0.0), FP64) + acc(
             tl.load(ds_ptr + do + cp64 * sd_c, mask=m, other=0.0), FP64
         )
         xha, ra = _reweight(xa, mua, rsa, gama, beta_, wga)
@@ -385,18 +370,18 @@ def _sru_bwd_reduce_kernel(
         rows0 = pid.to(tl.int64) * SPLIT
         for g0 in range(0, G, BG):
             g = g0 + tl.arange(0, BG)
-            acc_a = _acc(tl.zeros([BG, BJ], tl.float32), FP64)
-            acc_b = _acc(tl.zeros([BG, BJ], tl.float32), FP64)
+            acc_a = acc(tl.zeros([BG, BJ], tl.float32), FP64)
+            acc_b = acc(tl.zeros([BG, BJ], tl.float32), FP64)
             for j0 in range(0, CG, BJ):
                 j = j0 + tl.arange(0, BJ)
                 m = (g < G)[:, None] & (j < CG)[None, :]
                 c = g[:, None] * CG + j[None, :]
-                gam = _acc(tl.load(w_ptr + c, mask=m, other=0.0), FP64)
+                gam = acc(tl.load(w_ptr + c, mask=m, other=0.0), FP64)
                 coef = gam * gam / wsum
                 for s in range(0, SPLIT):
                     row = (rows0 + s) * C
-                    acc_a += _acc(tl.load(q_ptr + row + c, mask=m, other=0.0), FP64) * coef
-                    acc_b += _acc(tl.load(p_ptr + row + c, mask=m, other=0.0), FP64) * coef
+                    acc_a += acc(tl.load(q_ptr + row + c, mask=m, other=0.0), FP64) * coef
+                    acc_b += acc(tl.load(p_ptr + row + c, mask=m, other=0.0), FP64) * coef
             gm = g < G
             tl.store(a_ptr + pid * G + g, tl.sum(acc_a, axis=1), mask=gm)
             tl.store(bsum_ptr + pid * G + g, tl.sum(acc_b, axis=1), mask=gm)
@@ -404,18 +389,18 @@ def _sru_bwd_reduce_kernel(
         cb = pid - N
         c = cb * BCR + tl.arange(0, BCR)
         mc = c < C
-        acc_p = _acc(tl.zeros([BR, BCR], tl.float32), FP64)
-        acc_q = _acc(tl.zeros([BR, BCR], tl.float32), FP64)
+        acc_p = acc(tl.zeros([BR, BCR], tl.float32), FP64)
+        acc_q = acc(tl.zeros([BR, BCR], tl.float32), FP64)
         for r0 in range(0, N * SPLIT, BR):
             r = r0 + tl.arange(0, BR)
             m = (r < N * SPLIT)[:, None] & mc[None, :]
             offs = r.to(tl.int64)[:, None] * C + c[None, :]
-            acc_p += _acc(tl.load(p_ptr + offs, mask=m, other=0.0), FP64)
-            acc_q += _acc(tl.load(q_ptr + offs, mask=m, other=0.0), FP64)
+            acc_p += acc(tl.load(p_ptr + offs, mask=m, other=0.0), FP64)
+            acc_q += acc(tl.load(q_ptr + offs, mask=m, other=0.0), FP64)
         sp = tl.sum(acc_p, axis=0)
         sq = tl.sum(acc_q, axis=0)
-        gam = _acc(tl.load(w_ptr + c, mask=mc, other=0.0), FP64)
-        bet = _acc(tl.load(b_ptr + c, mask=mc, other=0.0), FP64)
+        gam = acc(tl.load(w_ptr + c, mask=mc, other=0.0), FP64)
+        bet = acc(tl.load(b_ptr + c, mask=mc, other=0.0), FP64)
         wg = gam / wsum
         dw = gam * sq + bet * sp
         tl.store(dbias_ptr + c, (wg * sp).to(dbias_ptr.dtype.element_ty), mask=mc)
@@ -434,14 +419,14 @@ def _sru_bwd_finalize_kernel(
     dw_ptr: (C,) output in the weight's dtype. Grid (1,).
     """
     offs = tl.arange(0, BLOCK_T)
-    t = tl.sum(_acc(tl.load(t_ptr + offs, mask=offs < NT, other=0.0), FP64), axis=0)
+    t = tl.sum(acc(tl.load(t_ptr + offs, mask=offs < NT, other=0.0), FP64), axis=0)
     wsum = _weight_sum(w_ptr, C, FP64, BLOCK_W)
     corr = t / (wsum * wsum)
     cw = tl.arange(0, BLOCK_W)
     for c0 in range(0, C, BLOCK_W):
         c = c0 + cw
         mc = c < C
-        v = _acc(tl.load(xg_ptr + c, mask=mc, other=0.0), FP64) - corr
+        v = acc(tl.load(xg_ptr + c, mask=mc, other=0.0), FP64) - corr
         tl.store(dw_ptr + c, v.to(dw_ptr.dtype.element_ty), mask=mc)
 
 
@@ -469,14 +454,14 @@ def _sru_bwd_dx_kernel(
     c64 = c.to(tl.int64)[:, None]
     cp64 = cp.to(tl.int64)[:, None]
     wsum = _get_wsum(w_ptr, wsum_ptr, C, HAS_WSUM, FP64, BLOCK_W)
-    tau = _acc(tau_hi, FP64) + _acc(tau_lo, FP64)
+    tau = acc(tau_hi, FP64) + acc(tau_lo, FP64)
 
-    xo = _pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
-    do = _pix_off(p64, W, sd_h, sd_w, FLAT)[None, :] + n64 * sd_n
-    xa = _acc(tl.load(x_ptr + xo + c64 * sx_c, mask=m, other=0.0), FP64)
-    xb = _acc(tl.load(x_ptr + xo + cp64 * sx_c, mask=m, other=0.0), FP64)
-    dsa = _acc(tl.load(ds_ptr + do + c64 * sd_c, mask=m, other=0.0), FP64)
-    dsb = _acc(tl.load(ds_ptr + do + cp64 * sd_c, mask=m, other=0.0), FP64)
+    xo = pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
+    do = pix_off(p64, W, sd_h, sd_w, FLAT)[None, :] + n64 * sd_n
+    xa = acc(tl.load(x_ptr + xo + c64 * sx_c, mask=m, other=0.0), FP64)
+    xb = acc(tl.load(x_ptr + xo + cp64 * sx_c, mask=m, other=0.0), FP64)
+    dsa = acc(tl.load(ds_ptr + do + c64 * sd_c, mask=m, other=0.0), FP64)
+    dsb = acc(tl.load(ds_ptr + do + cp64 * sd_c, mask=m, other=0.0), FP64)
     mua, rsa, gama, beta_, wga = _channel_params(n, c, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum, FP64)
     mub, rsb, gamb, betb, wgb = _channel_params(n, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wsum, FP64)
     xha, ra = _reweight(xa, mua, rsa, gama, beta_, wga)
@@ -492,14 +477,14 @@ def _sru_bwd_dx_kernel(
         dxb = tl.where(rb > tau, dsb, rb * dsum)
         dza = tl.where(ra <= tau, xa * dsum * ra * (1.0 - ra), 0.0)
         dzb = tl.where(rb <= tau, xb * dsum * rb * (1.0 - rb), 0.0)
-        mf = _acc(M, FP64)
-        eps = _acc(eps_hi, FP64) + _acc(eps_lo, FP64)
+        mf = acc(M, FP64)
+        eps = acc(eps_hi, FP64) + acc(eps_lo, FP64)
         ga = n * G + c // CG
         gb = n * G + cp // CG
-        aa = _acc(tl.load(a_ptr + ga, mask=mc, other=0.0), FP64)
-        ba = _acc(tl.load(bsum_ptr + ga, mask=mc, other=0.0), FP64)
-        ab = _acc(tl.load(a_ptr + gb, mask=mc, other=0.0), FP64)
-        bb = _acc(tl.load(bsum_ptr + gb, mask=mc, other=0.0), FP64)
+        aa = acc(tl.load(a_ptr + ga, mask=mc, other=0.0), FP64)
+        ba = acc(tl.load(bsum_ptr + ga, mask=mc, other=0.0), FP64)
+        ab = acc(tl.load(a_ptr + gb, mask=mc, other=0.0), FP64)
+        bb = acc(tl.load(bsum_ptr + gb, mask=mc, other=0.0), FP64)
         if TORCH_GN:
             ka = rsa / mf
             kb = rsb / mf
@@ -511,7 +496,7 @@ def _sru_bwd_dx_kernel(
             kb = tl.where(stb > 0, 1.0 / ((mf - 1.0) * tl.where(stb > 0, stb, 1.0)), 0.0)
         dxa += rsa[:, None] * (dza * (wga * gama)[:, None] - (ba / mf)[:, None]) - (ka * aa)[:, None] * xha
         dxb += rsb[:, None] * (dzb * (wgb * gamb)[:, None] - (bb / mf)[:, None]) - (kb * ab)[:, None] * xhb
-    go = _pix_off(p64, W, sg_h, sg_w, FLAT)[None, :] + n64 * sg_n
+    go = pix_off(p64, W, sg_h, sg_w, FLAT)[None, :] + n64 * sg_n
     gdt = dx_ptr.dtype.element_ty
     tl.store(dx_ptr + go + c64 * sg_c, dxa.to(gdt), mask=m)
     tl.store(dx_ptr + go + cp64 * sg_c, dxb.to(gdt), mask=m)
@@ -520,84 +505,10 @@ def _sru_bwd_dx_kernel(
 # ----------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TILE = 1024  # elements per [channels x pixels] tile of the streaming kernels
-_NUM_WARPS = 4
-_SM_COUNT: dict = {}
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _split_float(v: float) -> tuple[float, float]:
-    """v = hi + lo with hi, lo fp32 (lets fp64 kernels see an fp64 tau / eps)."""
-    hi = struct.unpack("f", struct.pack("f", float(v)))[0]  # no torch op: nothing to launch
-    lo = struct.unpack("f", struct.pack("f", float(v) - hi))[0]
-    return hi, lo
-
-
-def _target_programs(t: torch.Tensor) -> int:
-    """Programs wanted to fill the machine: 4 per SM on a GPU, a few in the interpreter."""
-    if t.is_cuda:
-        idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
-        if idx not in _SM_COUNT:
-            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        return 4 * _SM_COUNT[idx]
-    return 8
-
-
-def _strides(t: torch.Tensor):
-    """(s_n, s_c, s_h, s_w, flat): flat when pixel p = h*W + w sits at p * s_w (s_w replaced)."""
-    sn, sc, sh, sw = t.stride()
-    _, _, h, w = t.shape
-    if h == 1:
-        return sn, sc, 0, sw, True
-    if w == 1:
-        return sn, sc, 0, sh, True
-    if sh == w * sw:
-        return sn, sc, 0, sw, True
-    return sn, sc, sh, sw, False
-
-
-def _layout(tensors):
-    st = [_strides(t) for t in tensors]
-    flat = all(s[4] for s in st)
-    if not flat:  # generic (p // W, p % W) addressing for every tensor
-        st = [(*t.stride(), False) for t in tensors]
-    return [s[:4] for s in st], flat
-
-
-def _np2(v: int) -> int:
-    return triton.next_power_of_2(max(int(v), 1))
-
-
-def _channels_fastest(x: torch.Tensor) -> bool:
-    return x.stride(1) == 1 and x.shape[1] > 1 and x.stride(3) != 1
-
-
-def _default_tile(x: torch.Tensor) -> int:
-    """Elements per tile: 1024 (NCHW), 2048 (channels_last: longer pixel runs per program
-    amortise the per-channel vector loads), halved for fp64 (register pressure)."""
-    t = 2 * _TILE if _channels_fastest(x) else _TILE
-    return t // 2 if x.dtype == torch.float64 else t
-
-
-def _blocks(x: torch.Tensor, rows: int, hw: int, tile: int):
-    """(BC, BP, num_warps): pixels fastest for NCHW, channels fastest for channels_last."""
-    if _channels_fastest(x):
-        bc = min(_np2(rows), 32, tile)
-        bp = min(_np2(hw), max(1, tile // bc))
-    else:
-        bp = min(_np2(hw), tile)
-        bc = min(_np2(rows), max(1, tile // bp))
-    return bc, bp, (8 if bc * bp >= 2048 else 4)
-
-
 def _check_x(x: torch.Tensor, who: str):
     if x.dim() != 4:
         raise ValueError(f"{who}: expected a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOATS:
+    if x.dtype not in FLOATS:
         raise TypeError(f"{who}: unsupported dtype {x.dtype}")
     if x.shape[1] % 2:
         raise ValueError(f"{who}: channels ({x.shape[1]}) must be even")
@@ -610,6 +521,7 @@ def _vec(t: torch.Tensor, c: int, name: str) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+@launcher
 def sru_stats(x: torch.Tensor, group_num: int, eps: float, torch_gn: bool, *,
               weight: torch.Tensor | None = None, split: int | None = None, tile: int | None = None):
     """Per (sample, group) mean and rstd of x (N, C, H, W), numerically robust (Chan merging).
@@ -628,47 +540,48 @@ def sru_stats(x: torch.Tensor, group_num: int, eps: float, torch_gn: bool, *,
     if C % group_num:
         raise ValueError(f"channels ({C}) must be divisible by group_num ({group_num})")
     G, CG, HW = group_num, C // group_num, H * W
-    acc = _acc_dtype(x)
-    fp64 = acc == torch.float64
+    adt = acc_dtype(x.dtype)
+    fp64 = adt == torch.float64
     mean = torch.empty((N, G), device=x.device, dtype=torch.float64)  # fp64: see _channel_params
-    rstd = torch.empty((N, G), device=x.device, dtype=acc)
+    rstd = torch.empty((N, G), device=x.device, dtype=adt)
     wsum = None
     if weight is not None:
         weight = _vec(weight, C, "weight")
-        wsum = torch.empty((1,), device=x.device, dtype=acc)
+        wsum = torch.empty((1,), device=x.device, dtype=adt)
     if N == 0:
         if wsum is not None:
             wsum.copy_(weight.sum())
             return mean, rstd, wsum
         return mean, rstd
-    bj, bp, warps = _blocks(x, CG, HW, tile or 2 * _default_tile(x))
-    n_tiles = triton.cdiv(CG, bj) * triton.cdiv(HW, bp)
+    bj, bp, warps = stream_tiles(x, CG, HW, tile, scale=2)
+    n_tiles = cdiv(CG, bj) * cdiv(HW, bp)
     if split is None:
-        split = max(1, _target_programs(x) // (N * G))
+        split = max(1, target_programs(x) // (N * G))
     split = max(1, min(int(split), n_tiles))
-    per = triton.cdiv(n_tiles, split)
-    split = triton.cdiv(n_tiles, per)
-    part = torch.empty((N * G, split, 4), device=x.device, dtype=acc)
-    (sx,), flat = _layout([x])
+    per = cdiv(n_tiles, split)
+    split = cdiv(n_tiles, per)
+    part = torch.empty((N * G, split, 4), device=x.device, dtype=adt)
+    (sx,), flat = pixel_layout([x])
     _sru_stats_partial_kernel[(N * G, split)](
         x, part, W, HW, G, CG, *sx, per, split,
         FLAT=flat, FP64=fp64, BJ=bj, BP=bp, num_warps=warps,
     )
-    eh, el = _split_float(eps)
-    block = min(_np2(N * G), 256)
-    _sru_stats_merge_kernel[(triton.cdiv(N * G, block),)](
+    eh, el = split_float(eps)
+    block = min(np2(N * G), 256)
+    _sru_stats_merge_kernel[(cdiv(N * G, block),)](
         part, mean, rstd, weight if wsum is not None else part, wsum if wsum is not None else part,
         N * G, split, CG * HW, eh, el, C,
         TORCH_GN=bool(torch_gn), FP64=fp64, BLOCK=block, WRITE_WSUM=wsum is not None,
-        BLOCK_W=_block_w(C), num_warps=_NUM_WARPS,
+        BLOCK_W=_block_w(C), num_warps=NUM_WARPS,
     )
     return (mean, rstd) if wsum is None else (mean, rstd, wsum)
 
 
 def _block_w(c: int) -> int:
-    return min(_np2(c), 1024)
+    return min(np2(c), 1024)
 
 
+@launcher
 def sru_apply(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
               bias: torch.Tensor, tau: float, hard: bool, *, wsum: torch.Tensor | None = None,
               tile: int | None = None) -> torch.Tensor:
@@ -688,10 +601,10 @@ def sru_apply(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: t
     if out.numel() == 0:
         return out
     HW, half = H * W, C // 2
-    bc, bp, warps = _blocks(x, half, HW, tile or _default_tile(x))
-    n_cb, n_pb = triton.cdiv(half, bc), triton.cdiv(HW, bp)
-    (sx, so), flat = _layout([x, out])
-    th, tlo = _split_float(tau)
+    bc, bp, warps = stream_tiles(x, half, HW, tile)
+    n_cb, n_pb = cdiv(half, bc), cdiv(HW, bp)
+    (sx, so), flat = pixel_layout([x, out])
+    th, tlo = split_float(tau)
     _sru_apply_kernel[(N * n_cb * n_pb,)](
         x, out, mean, rstd, weight, bias, wsum if wsum is not None else mean,
         C, half, W, HW, G, C // G, *sx, *so, th, tlo, n_cb, n_pb,
@@ -701,6 +614,7 @@ def sru_apply(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: t
     return out
 
 
+@launcher
 def sru_backward(ds: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                  weight: torch.Tensor, bias: torch.Tensor, tau: float, hard: bool, torch_gn: bool,
                  eps: float, needs_input_grad_params: bool, needs_input_grad_x: bool = True, *,
@@ -721,8 +635,8 @@ def sru_backward(ds: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: to
     CG, HW, half = C // G, H * W, C // 2
     weight = _vec(weight, C, "weight")
     bias = _vec(bias, C, "bias")
-    acc = _acc_dtype(x)
-    fp64 = acc == torch.float64
+    adt = acc_dtype(x.dtype)
+    fp64 = adt == torch.float64
     want_params = bool(needs_input_grad_params) and not hard
     dx = torch.empty_like(x) if needs_input_grad_x else None
     dweight = torch.empty(C, device=x.device, dtype=weight.dtype) if want_params else None
@@ -734,48 +648,50 @@ def sru_backward(ds: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: to
             dweight.zero_()
             dbias.zero_()
         return dx, dweight, dbias
-    bc, bp, warps = _blocks(x, half, HW, tile or _default_tile(x))
-    n_cb, n_pb = triton.cdiv(half, bc), triton.cdiv(HW, bp)
-    th, tlo = _split_float(tau)
-    eh, el = _split_float(eps)
+    bc, bp, warps = stream_tiles(x, half, HW, tile)
+    n_cb, n_pb = cdiv(half, bc), cdiv(HW, bp)
+    th, tlo = split_float(tau)
+    eh, el = split_float(eps)
     bw = _block_w(C)
     a = bsum = wsum = mean  # placeholders, unused by the hard-gate dx kernel
     if not hard and (needs_input_grad_x or want_params):
         if split is None:
-            split = max(1, _target_programs(x) // (N * n_cb))
+            split = max(1, target_programs(x) // (N * n_cb))
         split = max(1, min(int(split), n_pb))
-        per = triton.cdiv(n_pb, split)
-        split = triton.cdiv(n_pb, per)
-        p = torch.empty((N * split, C), device=x.device, dtype=acc)
-        q = torch.empty((N * split, C), device=x.device, dtype=acc)
-        (sx, sd), flat = _layout([x, ds])
+        per = cdiv(n_pb, split)
+        split = cdiv(n_pb, per)
+        p = torch.empty((N * split, C), device=x.device, dtype=adt)
+        q = torch.empty((N * split, C), device=x.device, dtype=adt)
+        (sx, sd), flat = pixel_layout([x, ds])
         _sru_bwd_partial_kernel[(N * n_cb * split,)](
             x, ds, p, q, mean, rstd, weight, bias,
             C, half, W, HW, G, CG, *sx, *sd, th, tlo, n_cb, split, per,
-            FLAT=flat, FP64=fp64, BC=bc, BP=bp, BLOCK_W=bw, num_warps=warps,
+            # fp64: twice the warps (half the tile per thread): four fp64 accumulators plus the
+            # recomputed gate spill at 4 warps
+            FLAT=flat, FP64=fp64, BC=bc, BP=bp, BLOCK_W=bw, num_warps=2 * warps if fp64 else warps,
         )
-        a = torch.empty((N, G), device=x.device, dtype=acc)
-        wsum = torch.empty((1,), device=x.device, dtype=acc)
-        bsum = torch.empty((N, G), device=x.device, dtype=acc)
-        bcr = min(_np2(C), 128)
-        n_crb = triton.cdiv(C, bcr) if want_params else 0
-        xg = torch.empty(C, device=x.device, dtype=acc) if want_params else a
-        t = torch.empty(max(n_crb, 1), device=x.device, dtype=acc)
-        bj = min(_np2(CG), 64)
-        bg = min(_np2(G), max(1, 256 // bj))
+        a = torch.empty((N, G), device=x.device, dtype=adt)
+        wsum = torch.empty((1,), device=x.device, dtype=adt)
+        bsum = torch.empty((N, G), device=x.device, dtype=adt)
+        bcr = min(np2(C), 128)
+        n_crb = cdiv(C, bcr) if want_params else 0
+        xg = torch.empty(C, device=x.device, dtype=adt) if want_params else a
+        t = torch.empty(max(n_crb, 1), device=x.device, dtype=adt)
+        bj = min(np2(CG), 64)
+        bg = min(np2(G), max(1, 256 // bj))
         _sru_bwd_reduce_kernel[(N + n_crb,)](
             p, q, weight, bias, a, bsum, dbias if want_params else a, xg, t, wsum,
             N, C, G, CG, split,
-            FP64=fp64, BG=bg, BJ=bj, BR=min(_np2(N * split), 8), BCR=bcr, BLOCK_W=bw,
-            num_warps=_NUM_WARPS,
+            FP64=fp64, BG=bg, BJ=bj, BR=min(np2(N * split), 8), BCR=bcr, BLOCK_W=bw,
+            num_warps=NUM_WARPS,
         )
         if want_params:
             _sru_bwd_finalize_kernel[(1,)](
                 xg, t, weight, dweight, C, n_crb,
-                FP64=fp64, BLOCK_T=_np2(n_crb), BLOCK_W=bw, num_warps=_NUM_WARPS,
+                FP64=fp64, BLOCK_T=np2(n_crb), BLOCK_W=bw, num_warps=NUM_WARPS,
             )
     if needs_input_grad_x:
-        (sx, sd, sg), flat = _layout([x, ds, dx])
+        (sx, sd, sg), flat = pixel_layout([x, ds, dx])
         _sru_bwd_dx_kernel[(N * n_cb * n_pb,)](
             x, ds, dx, mean, rstd, weight, bias, a, bsum, wsum,
             C, half, W, HW, G, CG, CG * HW, eh, el, *sx, *sd, *sg, th, tlo, n_cb, n_pb,
@@ -783,108 +699,3 @@ def sru_backward(ds: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: to
             BC=bc, BP=bp, BLOCK_W=bw, num_warps=warps,
         )
     return dx, dweight, dbias
-
-
-# ----------------------------------------------------------------------------------------
-# ahead-of-time compilation specs (tests/test_aot.py)
-# ----------------------------------------------------------------------------------------
-def aot_specs():
-    """Specialisations the launchers use at N=2, C=64 (16 groups), 56x56: fp32 NCHW and bf16
-    channels_last (tiles and warps from the launchers' own choices); fp32 for the N x G and
-    C-sized kernels plus a bf16-weight variant of those that read / write the weight.
-    Strides equal to 1 are constexpr, as the JIT specialises them.
-    """
-    from scconv_triton.testing import AotSpec
-
-    N, C, G, H, W = 2, 64, 16, 56, 56
-    CG, HW = C // G, H * W
-    tdt = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-    specs = []
-    for dtype, cl in ((torch.float32, False), (torch.bfloat16, True)):
-        x = torch.empty((N, C, H, W), device="meta", dtype=dtype)
-        if cl:
-            x = x.to(memory_format=torch.channels_last)
-        xt = f"*{tdt[dtype]}"
-        unit = "c" if cl else "w"
-
-        def strides(*prefixes):
-            sig, const = {}, {}
-            for pre in prefixes:
-                sig.update({f"{pre}_n": "i32", f"{pre}_c": "i32", f"{pre}_h": "i32", f"{pre}_w": "i32"})
-                sig[f"{pre}_{unit}"] = "constexpr"
-                const[f"{pre}_{unit}"] = 1
-            return sig, const
-
-        bj, bpj, wj = _blocks(x, CG, HW, 2 * _default_tile(x))
-        bc, bp, wa = _blocks(x, C // 2, HW, _default_tile(x))
-        bw = _block_w(C)
-        sig, const = strides("sx")
-        specs.append(AotSpec(
-            _sru_stats_partial_kernel,
-            {"x_ptr": xt, "part_ptr": "*fp32", "W": "i32", "HW": "i32", "G": "i32", "CG": "i32",
-             **sig, "TILES_PER_PROG": "i32", "SPLIT": "i32",
-             "FLAT": "constexpr", "FP64": "constexpr", "BJ": "constexpr", "BP": "constexpr"},
-            {**const, "FLAT": True, "FP64": False, "BJ": bj, "BP": bpj}, num_warps=wj,
-        ))
-        common = {"C": "i32", "HALF": "i32", "W": "i32", "HW": "i32", "G": "i32", "CG": "i32"}
-        sig, const = strides("sx", "so")
-        specs.append(AotSpec(
-            _sru_apply_kernel,
-            {"x_ptr": xt, "out_ptr": xt, "mean_ptr": "*fp64", "rstd_ptr": "*fp32", "w_ptr": xt, "b_ptr": xt,
-             "wsum_ptr": "*fp32", **common, **sig,
-             "tau_hi": "fp32", "tau_lo": "fp32", "N_CB": "i32", "N_PB": "i32",
-             "HARD": "constexpr", "FLAT": "constexpr", "FP64": "constexpr", "HAS_WSUM": "constexpr",
-             "BC": "constexpr", "BP": "constexpr", "BLOCK_W": "constexpr"},
-            {**const, "HARD": False, "FLAT": True, "FP64": False, "HAS_WSUM": True, "BC": bc, "BP": bp,
-             "BLOCK_W": bw}, num_warps=wa,
-        ))
-        sig, const = strides("sx", "sd")
-        specs.append(AotSpec(
-            _sru_bwd_partial_kernel,
-            {"x_ptr": xt, "ds_ptr": xt, "p_ptr": "*fp32", "q_ptr": "*fp32", "mean_ptr": "*fp64",
-             "rstd_ptr": "*fp32", "w_ptr": xt, "b_ptr": xt, **common, **sig,
-             "tau_hi": "fp32", "tau_lo": "fp32", "N_CB": "i32", "SPLIT": "i32", "PB_PER_PROG": "i32",
-             "FLAT": "constexpr", "FP64": "constexpr", "BC": "constexpr", "BP": "constexpr",
-             "BLOCK_W": "constexpr"},
-            {**const, "FLAT": True, "FP64": False, "BC": bc, "BP": bp, "BLOCK_W": bw}, num_warps=wa,
-        ))
-        specs.append(AotSpec(
-            _sru_bwd_reduce_kernel,
-            {"p_ptr": "*fp32", "q_ptr": "*fp32", "w_ptr": xt, "b_ptr": xt, "a_ptr": "*fp32",
-             "bsum_ptr": "*fp32", "dbias_ptr": xt, "xg_ptr": "*fp32", "t_ptr": "*fp32", "wsum_ptr": "*fp32",
-             "N": "i32", "C": "i32", "G": "i32", "CG": "i32", "SPLIT": "i32",
-             "FP64": "constexpr", "BG": "constexpr", "BJ": "constexpr", "BR": "constexpr",
-             "BCR": "constexpr", "BLOCK_W": "constexpr"},
-            {"FP64": False, "BG": min(_np2(G), max(1, 256 // min(_np2(CG), 64))), "BJ": min(_np2(CG), 64),
-             "BR": 8, "BCR": min(_np2(C), 128), "BLOCK_W": bw},
-            num_warps=_NUM_WARPS,
-        ))
-        specs.append(AotSpec(
-            _sru_bwd_finalize_kernel,
-            {"xg_ptr": "*fp32", "t_ptr": "*fp32", "w_ptr": xt, "dw_ptr": xt, "C": "i32", "NT": "i32",
-             "FP64": "constexpr", "BLOCK_T": "constexpr", "BLOCK_W": "constexpr"},
-            {"FP64": False, "BLOCK_T": 1, "BLOCK_W": bw}, num_warps=_NUM_WARPS,
-        ))
-        sig, const = strides("sx", "sd", "sg")
-        for hard in (False, True):
-            specs.append(AotSpec(
-                _sru_bwd_dx_kernel,
-                {"x_ptr": xt, "ds_ptr": xt, "dx_ptr": xt, "mean_ptr": "*fp64", "rstd_ptr": "*fp32",
-                 "w_ptr": xt, "b_ptr": xt, "a_ptr": "*fp32", "bsum_ptr": "*fp32", "wsum_ptr": "*fp32",
-                 **common, "M": "i32", "eps_hi": "fp32", "eps_lo": "fp32", **sig,
-                 "tau_hi": "fp32", "tau_lo": "fp32", "N_CB": "i32", "N_PB": "i32",
-                 "HARD": "constexpr", "TORCH_GN": "constexpr", "FLAT": "constexpr", "FP64": "constexpr",
-                 "HAS_WSUM": "constexpr", "BC": "constexpr", "BP": "constexpr", "BLOCK_W": "constexpr"},
-                {**const, "HARD": hard, "TORCH_GN": not cl, "FLAT": True, "FP64": False, "HAS_WSUM": not hard,
-                 "BC": bc, "BP": bp, "BLOCK_W": bw}, num_warps=wa,
-            ))
-    specs.append(AotSpec(
-        _sru_stats_merge_kernel,
-        {"part_ptr": "*fp32", "mean_ptr": "*fp64", "rstd_ptr": "*fp32", "w_ptr": "*fp32", "wsum_ptr": "*fp32",
-         "NG": "i32", "SPLIT": "i32", "M": "i32", "eps_hi": "fp32", "eps_lo": "fp32", "C": "i32",
-         "TORCH_GN": "constexpr", "FP64": "constexpr", "BLOCK": "constexpr", "WRITE_WSUM": "constexpr",
-         "BLOCK_W": "constexpr"},
-        {"TORCH_GN": True, "FP64": False, "BLOCK": min(_np2(N * G), 256), "WRITE_WSUM": True,
-         "BLOCK_W": _block_w(C)}, num_warps=_NUM_WARPS,
-    ))
-    return specs

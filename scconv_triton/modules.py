@@ -6,6 +6,8 @@ it runs the fused Triton path when ``backend.resolve`` says so, else the referen
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import reference as ref
@@ -17,15 +19,20 @@ __all__ = ["SRU", "CRU", "SCConv", "ScConv"]
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_params(module: torch.nn.Module, x: torch.Tensor) -> None:
+def check_params(module: torch.nn.Module, x: torch.Tensor, params=None) -> None:
     """Parameters must share the input's device and (outside autocast) dtype.
 
-    A mismatch raises here, before any kernel launches, with the parameter's name;
-    the reference would fail later inside a convolution with a less direct message.
+    ``params``: the tensors to check (default: every parameter of ``module``); the fused
+    forwards pass the ones they hand to the kernels, which skips a walk over the module tree
+    on every call. A mismatch raises here, before any kernel launches, with the parameter's
+    name; the reference would fail later inside a convolution with a less direct message.
     """
     autocast = torch.is_autocast_enabled(x.device.type)
     if not autocast and x.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"{type(module).__name__}: supported input dtypes are {_KERNEL_DTYPES}, got {x.dtype}")
+    dev, dt = x.device, x.dtype
+    if params is not None and all(p.device == dev and (autocast or p.dtype == dt) for p in params):
+        return
     for name, p in module.named_parameters():
         if p.device != x.device:
             raise ValueError(
@@ -39,13 +46,15 @@ def check_params(module: torch.nn.Module, x: torch.Tensor) -> None:
             )
 
 
-def fused_inputs(x: torch.Tensor, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Return x and ``params`` in the dtype the kernels run in.
+def fused_inputs(module: torch.nn.Module, x: torch.Tensor, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Check ``params`` against x (:func:`check_params`), then return x and ``params`` in the
+    dtype the kernels run in.
 
     Under torch.autocast the layer runs in the autocast dtype, like a convolution:
     x and the (small) parameters are cast, and gradients flow back to the fp32
     parameters through the casts. Otherwise they are returned as they are.
     """
+    check_params(module, x, params)
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         return tuple(t.to(dtype) for t in (x, *params))
@@ -53,8 +62,11 @@ def fused_inputs(x: torch.Tensor, *params: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def _no_autocast(x: torch.Tensor):
-    """The kernels run in the dtype fused_inputs chose; autocast must not re-cast inside."""
-    return torch.autocast(x.device.type, enabled=False)
+    """The kernels run in the dtype fused_inputs chose; autocast must not re-cast inside.
+    Outside autocast nothing to switch off (entering torch.autocast costs host time)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _Fused:
@@ -63,10 +75,13 @@ class _Fused:
     backend: str
 
     def _takes_reference(self, x: torch.Tensor, channels: int) -> bool:
-        """Validate x against the module, then say whether the reference path runs."""
+        """Validate x against the module, then say whether the reference path runs (its
+        parameters are checked here; the fused path checks them in :func:`fused_inputs`)."""
         ref.check_input(x, channels, type(self).__name__)
-        check_params(self, x)
-        return resolve(x, self.backend) == "reference"
+        if resolve(x, self.backend) == "reference":
+            check_params(self, x)
+            return True
+        return False
 
 
 class SRU(_Fused, ref.SRU):
@@ -81,7 +96,7 @@ class SRU(_Fused, ref.SRU):
             return super().forward(x)
         from .ops.sru import sru
 
-        x, w, b = fused_inputs(x, self.gn.weight, self.gn.bias)
+        x, w, b = fused_inputs(self, x, self.gn.weight, self.gn.bias)
         with _no_autocast(x):
             return sru(
                 x, w, b, group_num=self.group_num, eps=self.gn.eps, torch_gn=self.torch_gn,
@@ -103,7 +118,7 @@ class CRU(_Fused, ref.CRU):
         from .ops.cru import cru
 
         x, *weights = fused_inputs(
-            x, self.squeeze1.weight, self.squeeze2.weight, self.GWC.weight, self.GWC.bias,
+            self, x, self.squeeze1.weight, self.squeeze2.weight, self.GWC.weight, self.GWC.bias,
             self.PWC1.weight, self.PWC2.weight,
         )
         with _no_autocast(x):
@@ -131,7 +146,7 @@ class SCConv(_Fused, ref.SCConv):
 
         sru, cru = self.SRU, self.CRU
         x, *weights = fused_inputs(
-            x, sru.gn.weight, sru.gn.bias, cru.squeeze1.weight, cru.squeeze2.weight, cru.GWC.weight,
+            self, x, sru.gn.weight, sru.gn.bias, cru.squeeze1.weight, cru.squeeze2.weight, cru.GWC.weight,
             cru.GWC.bias, cru.PWC1.weight, cru.PWC2.weight,
         )
         with _no_autocast(x):

@@ -1,9 +1,17 @@
-"""Test helpers: ahead-of-time compilation of Triton kernels for real GPUs.
+"""Test helpers: capture the Triton launches a callable makes; compile them ahead of time.
 
 The Triton interpreter accepts code that a GPU compiler rejects, so every kernel
 is also compiled for sm_80 and sm_90 with ``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", cap, 32))``. That needs no GPU. cuobjdump (bundled with
 Triton) then reports registers, spills (local memory) and shared memory of the cubin.
+
+What is compiled is what runs: :func:`capture_launches` records every launch a
+module makes (kernel, arguments, grid, options) and :func:`spec_from_launch` turns
+one into an :class:`AotSpec` with the JIT's own specialisation of its arguments
+(integers equal to 1 become constexprs, integers and pointers divisible by 16 get
+``tt.divisibility``, i32 / i64 by value), so the compiled variant is the one the JIT
+would build for that launch on a GPU. :func:`skip_triton_launches` lets a capture
+run at real layer shapes in the interpreter without executing the kernels.
 
 The compilation runs in a child process without TRITON_INTERPRET: with the
 interpreter on, ``@triton.jit`` yields interpreter objects that cannot be
@@ -11,13 +19,18 @@ compiled, and the test process has the interpreter on when there is no GPU.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
 
-__all__ = ["AotSpec", "AotResult", "aot_compile"]
+__all__ = [
+    "AotSpec", "AotResult", "aot_compile", "Captured", "capture_launches", "skip_triton_launches",
+    "spec_from_launch", "unique_specs", "covering_specs", "aot_table",
+]
 
 
 @dataclass
@@ -35,6 +48,17 @@ class AotSpec:
     constexprs: dict = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
+    attrs: dict = field(default_factory=dict)  # {arg name: "D"} = divisible by 16 (tt.divisibility)
+
+    def key(self) -> str:
+        return json.dumps([self.target(), self.signature, {k: repr(v) for k, v in self.constexprs.items()},
+                           self.attrs, self.num_warps, self.num_stages], sort_keys=True)
+
+    def variant(self) -> str:
+        """Short text naming the variant: pointer dtypes and the non-block constexprs."""
+        ptrs = sorted({t for t in self.signature.values() if t.startswith("*")})
+        flags = [f"{k}={v}" for k, v in self.constexprs.items() if k.isupper() and k[:1] != "B"]
+        return " ".join([",".join(ptrs)] + flags)
 
     def target(self) -> str:
         if isinstance(self.kernel, str):
@@ -52,6 +76,7 @@ class AotResult:
     stack: int
     shared: int
     error: str | None = None
+    variant: str = ""
 
     @property
     def spills(self) -> int:
@@ -60,7 +85,7 @@ class AotResult:
 
 
 _CHILD = r"""
-import importlib, json, os, re, subprocess, sys, tempfile
+import importlib, inspect, json, os, re, subprocess, sys, tempfile
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
@@ -90,10 +115,18 @@ for s in specs:
     for part in name.split("."):
         obj = getattr(obj, part)
     for arch in s["archs"]:
-        res = dict(kernel=s["target"], arch=arch, registers=0, local=0, stack=0, shared=0, error=None)
+        res = dict(kernel=s["target"], arch=arch, registers=0, local=0, stack=0, shared=0, error=None,
+                   variant=s["variant"])
         try:
-            src = ASTSource(fn=obj, signature=s["signature"], constexprs=s["constexprs"])
-            k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+            target = GPUTarget("cuda", arch, 32)
+            names = list(inspect.signature(obj.fn).parameters)
+            attrs = {}
+            if s["attrs"]:
+                from triton.compiler import make_backend
+                backend = make_backend(target)
+                attrs = {(names.index(n),): backend.parse_attr(a) for n, a in s["attrs"].items()}
+            src = ASTSource(fn=obj, signature=s["signature"], constexprs=s["constexprs"], attrs=attrs)
+            k = triton.compile(src, target=target,
                                options=dict(num_warps=s["num_warps"], num_stages=s["num_stages"]))
             res.update(resources(k.asm["cubin"]))
             res["shared"] = max(res["shared"], int(k.metadata.shared))
@@ -118,6 +151,8 @@ def aot_compile(specs, archs=(80, 90), timeout: float = 600.0) -> list[AotResult
             constexprs=s.constexprs,
             num_warps=s.num_warps,
             num_stages=s.num_stages,
+            attrs=s.attrs,
+            variant=s.variant(),
             archs=list(archs),
         )
         for s in specs
@@ -136,3 +171,209 @@ def aot_compile(specs, archs=(80, 90), timeout: float = 600.0) -> list[AotResult
     if line is None:
         raise RuntimeError(f"AOT compilation process failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return [AotResult(**r) for r in json.loads(line[len("AOT-JSON"):])]
+
+
+# ----------------------------------------------------------------------------- capturing launches
+@dataclass
+class Captured:
+    """One Triton launch: the JITFunction / InterpretedFunction, its arguments, grid and options."""
+
+    kernel: object
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        fn = getattr(self.kernel, "fn", None)
+        return getattr(fn, "__name__", None) or getattr(self.kernel, "__name__", "kernel")
+
+    def __call__(self):
+        return self.kernel.run(*self.args, warmup=False, **self.kwargs)
+
+
+@contextlib.contextmanager
+def capture_launches(keep_args: bool = True):
+    """``with capture_launches() as calls: f()`` -> calls is a list of :class:`Captured`.
+
+    Wraps ``JITFunction.run`` and ``InterpretedFunction.run``, so it sees compiled and
+    interpreted launches alike (after autotuning picked a config). ``keep_args=False``
+    records only the kernels (not replayable): holding the arguments keeps the launch's
+    tensors alive, which changes what autograd does with them (AccumulateGrad copies a
+    gradient it cannot steal) and so what a launch count sees.
+    """
+    calls: list[Captured] = []
+    classes = []
+    try:
+        from triton.runtime.jit import JITFunction
+
+        classes.append(JITFunction)
+    except Exception:
+        pass
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        classes.append(InterpretedFunction)
+    except Exception:
+        pass
+    originals = {}
+    for cls in classes:
+        orig = cls.run
+        originals[cls] = orig
+
+        def run(self, *args, grid, warmup, _orig=orig, **kwargs):
+            if not warmup:
+                calls.append(Captured(self, args, dict(kwargs, grid=grid)) if keep_args else Captured(self, ()))
+            return _orig(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+        cls.run = run
+    try:
+        yield calls
+    finally:
+        for cls, orig in originals.items():
+            cls.run = orig
+
+
+@contextlib.contextmanager
+def skip_triton_launches():
+    """Inside the block, interpreted Triton launches return at once without running.
+
+    For shape-only work: what a launcher passes to a kernel, and what autograd saves,
+    depends on the shapes the launchers allocate, not on the values the kernels write, so
+    launches can be captured (and saved bytes measured) at real layer sizes without
+    interpreting every program. Outputs hold uninitialised memory: never use this for
+    numbers or traffic.
+    """
+    from triton.runtime import interpreter as interp
+
+    cls = interp.GridExecutor
+    orig = cls.__call__
+    cls.__call__ = lambda self, *a, **k: None
+    try:
+        yield
+    finally:
+        cls.__call__ = orig
+
+
+_TORCH_TO_TRITON = {
+    "float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64",
+    "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64", "uint8": "u8", "bool": "i1",
+}
+
+
+def _arg_type(value):
+    """(Triton type, "D" | "" | None, constexpr value or None) as the JIT specialises ``value``.
+
+    Mirrors triton.runtime.jit's specialisation (stable from triton 3.0 to 3.9): an int equal
+    to 1 is a constexpr; ints are i32 when they fit, else i64 (u64 past 2**63), "D" when
+    divisible by 16; floats are fp32 and bools u1, never specialised; a tensor is a pointer to
+    its dtype, "D" when its address is 16-byte aligned; None is a constexpr.
+    """
+    if value is None:
+        return "constexpr", None, None
+    if isinstance(value, bool):
+        return "u1", None, None
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", None, 1
+        ty = "i32" if -(2**31) <= value < 2**31 else ("i64" if -(2**63) <= value < 2**63 else "u64")
+        return ty, ("D" if value % 16 == 0 else ""), None
+    if isinstance(value, float):
+        return "fp32", None, None
+    if hasattr(value, "data_ptr") and hasattr(value, "dtype"):
+        ty = "*" + _TORCH_TO_TRITON[str(value.dtype).replace("torch.", "")]
+        return ty, ("D" if value.data_ptr() % 16 == 0 else ""), None
+    raise TypeError(f"cannot specialise a kernel argument of type {type(value).__name__}")
+
+
+def spec_from_launch(call: Captured) -> AotSpec:
+    """The AotSpec the JIT would compile for one captured launch."""
+    fn = getattr(call.kernel, "fn", call.kernel)
+    params = list(inspect.signature(fn).parameters.values())
+    kwargs = dict(call.kwargs)
+    kwargs.pop("grid", None)
+    num_warps = int(kwargs.pop("num_warps", 4))
+    num_stages = int(kwargs.pop("num_stages", 3))
+    bound = dict(zip([p.name for p in params], call.args))
+    signature, constexprs, attrs = {}, {}, {}
+    for p in params:
+        if p.name in kwargs:
+            value = kwargs.pop(p.name)
+        elif p.name in bound:
+            value = bound[p.name]
+        elif p.default is not inspect.Parameter.empty:
+            value = p.default
+        else:
+            raise TypeError(f"{fn.__name__}: no value for argument {p.name}")
+        if "constexpr" in str(p.annotation):
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = value
+            continue
+        ty, attr, cval = _arg_type(value)
+        signature[p.name] = ty
+        if ty == "constexpr":
+            constexprs[p.name] = cval
+        elif attr:
+            attrs[p.name] = attr
+    return AotSpec(fn_target(fn), signature, constexprs, num_warps, num_stages, attrs)
+
+
+def fn_target(fn) -> str:
+    return f"{fn.__module__}:{fn.__qualname__}"
+
+
+def unique_specs(calls) -> list[AotSpec]:
+    """Distinct specs of captured launches, in first-seen order."""
+    seen, out = set(), []
+    for c in calls:
+        s = spec_from_launch(c)
+        k = s.key()
+        if k not in seen:
+            seen.add(k)
+            out.append(s)
+    return out
+
+
+def _features(spec: AotSpec) -> set:
+    k = spec.target()
+    ptrs = tuple(sorted({t for t in spec.signature.values() if t.startswith("*")}))
+    f = {(k, "ptrs", ptrs)}
+    for name, v in spec.constexprs.items():
+        if isinstance(v, bool) or (name.isupper() and not name.startswith("B")):
+            f.add((k, name, v))
+    return f
+
+
+def _tile_size(spec: AotSpec) -> int:
+    n = spec.num_warps
+    for name, v in spec.constexprs.items():
+        if name.startswith("B") and isinstance(v, int) and not isinstance(v, bool):
+            n *= v
+    return n
+
+
+def covering_specs(specs) -> list[AotSpec]:
+    """A subset of ``specs`` that still has every kernel with every pointer-dtype set and every
+    value of each flag constexpr (per dtype), preferring the largest tiles (the most registers).
+
+    Greedy set cover: the full set (every distinct launch of every configuration) is a few
+    hundred compilations; the cover is the one a test can afford on every run.
+    """
+    specs = sorted(specs, key=lambda s: -_tile_size(s))
+    need = set().union(*(_features(s) for s in specs)) if specs else set()
+    out = []
+    while need:
+        best = max(specs, key=lambda s: len(_features(s) & need))
+        out.append(best)
+        need -= _features(best)
+    return out
+
+
+def aot_table(results) -> str:
+    """Registers, spills and shared memory per kernel variant and arch, worst first."""
+    rows = sorted(results, key=lambda r: (-r.registers, r.kernel, r.arch))
+    lines = [f"{'kernel':34s} {'sm':>3s} {'regs':>5s} {'spill B':>7s} {'smem B':>7s}  variant"]
+    for r in rows:
+        name = r.kernel.split(":")[-1]
+        tail = f"ERROR {r.error}" if r.error else r.variant
+        lines.append(f"{name:34s} {r.arch:>3d} {r.registers:>5d} {r.spills:>7d} {r.shared:>7d}  {tail}")
+    return "\n".join(lines)

@@ -33,6 +33,8 @@ from torch import Tensor
 
 from .._config import CRUShape
 from ..kernels import cru as K
+from ..kernels._launch import acc_dtype, memory_format
+from ._dispatch import eager_direct
 
 __all__ = [
     "cru_forward_core",
@@ -45,68 +47,64 @@ _LIB = "scconv_triton"
 
 
 # ----------------------------------------------------------------------------- custom ops
-def _fmt(channels_last: bool):
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
 @torch.library.custom_op(f"{_LIB}::cru_weights", mutates_args=())
-def cru_weights(
+def _cru_weights_op(
     w_gwc: Tensor, w_pwc1: Tensor, w_sq1: Tensor, w_sq2: Tensor, groups: int, channels_last: bool
 ) -> tuple[Tensor, Tensor]:
     return K.cru_weights(w_gwc, w_pwc1, w_sq1, w_sq2, groups, channels_last)
 
 
-@cru_weights.register_fake
+@_cru_weights_op.register_fake
 def _(w_gwc, w_pwc1, w_sq1, w_sq2, groups, channels_last):
     c, cig, k, _ = w_gwc.shape
     usq, u = w_sq1.shape[:2]
     lsq, l_ = w_sq2.shape[:2]
     qin = u if u == l_ else u + l_
-    wm = w_gwc.new_empty((c, cig * groups, k, k)).contiguous(memory_format=_fmt(channels_last))
+    wm = w_gwc.new_empty((c, cig * groups, k, k)).contiguous(memory_format=memory_format(channels_last))
     return wm, w_sq1.new_empty((usq + lsq, qin, 1, 1))
 
 
 @torch.library.custom_op(f"{_LIB}::cru_pool", mutates_args=())
-def cru_pool(y1: Tensor, p2: Tensor, ident: Tensor) -> Tensor:
+def _cru_pool_op(y1: Tensor, p2: Tensor, ident: Tensor) -> Tensor:
     return K.cru_pool(y1, p2, ident)
 
 
-@cru_pool.register_fake
+@_cru_pool_op.register_fake
 def _(y1, p2, ident):
-    return y1.new_empty((y1.shape[0], 2 * y1.shape[1]), dtype=K.acc_dtype(y1.dtype))
+    return y1.new_empty((y1.shape[0], 2 * y1.shape[1]), dtype=acc_dtype(y1.dtype))
 
 
 @torch.library.custom_op(f"{_LIB}::cru_combine", mutates_args=())
-def cru_combine(y1: Tensor, p2: Tensor, ident: Tensor, m: Tensor, pairwise: bool) -> tuple[Tensor, Tensor]:
+def _cru_combine_op(y1: Tensor, p2: Tensor, ident: Tensor, m: Tensor, pairwise: bool) -> tuple[Tensor, Tensor]:
     return K.cru_combine(y1, p2, ident, m, pairwise)
 
 
-@cru_combine.register_fake
+@_cru_combine_op.register_fake
 def _(y1, p2, ident, m, pairwise):
     return torch.empty_like(y1), torch.empty_like(m)
 
 
 @torch.library.custom_op(f"{_LIB}::cru_reduce", mutates_args=())
-def cru_reduce(dout: Tensor, y1: Tensor, p2: Tensor, ident: Tensor) -> Tensor:
+def _cru_reduce_op(dout: Tensor, y1: Tensor, p2: Tensor, ident: Tensor) -> Tensor:
     return K.cru_reduce(dout, y1, p2, ident)
 
 
-@cru_reduce.register_fake
+@_cru_reduce_op.register_fake
 def _(dout, y1, p2, ident):
-    return y1.new_empty((y1.shape[0], 2 * y1.shape[1]), dtype=K.acc_dtype(y1.dtype))
+    return y1.new_empty((y1.shape[0], 2 * y1.shape[1]), dtype=acc_dtype(y1.dtype))
 
 
 @torch.library.custom_op(f"{_LIB}::cru_combine_bwd", mutates_args=())
-def cru_combine_bwd(
+def _cru_combine_bwd_op(
     dout: Tensor, a: Tensor, da: Tensor, p: int, pairwise: bool, dtype: torch.dtype, channels_last: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     return K.cru_combine_bwd(dout, a, da, p, pairwise, dtype, channels_last)
 
 
-@cru_combine_bwd.register_fake
+@_cru_combine_bwd_op.register_fake
 def _(dout, a, da, p, pairwise, dtype, channels_last):
     n, c, ho, wo = dout.shape
-    kw = dict(dtype=dtype, device=dout.device, memory_format=_fmt(channels_last))
+    kw = dict(dtype=dtype, device=dout.device, memory_format=memory_format(channels_last))
     return (
         torch.empty((n, c, ho, wo), **kw),
         torch.empty((n, p, ho, wo), **kw),
@@ -115,31 +113,41 @@ def _(dout, a, da, p, pairwise, dtype, channels_last):
 
 
 @torch.library.custom_op(f"{_LIB}::cru_dsq", mutates_args=())
-def cru_dsq(d_up: Tensor, d_low: Tensor, d_id: Tensor, stride: int, channels_last: bool) -> Tensor:
+def _cru_dsq_op(d_up: Tensor, d_low: Tensor, d_id: Tensor, stride: int, channels_last: bool) -> Tensor:
     return K.cru_dsq(d_up, d_low, d_id, stride, channels_last)
 
 
-@cru_dsq.register_fake
+@_cru_dsq_op.register_fake
 def _(d_up, d_low, d_id, stride, channels_last):
     n, cu, h, w = d_up.shape
     return torch.empty(
-        (n, cu + d_id.shape[1], h, w), dtype=d_up.dtype, device=d_up.device, memory_format=_fmt(channels_last)
+        (n, cu + d_id.shape[1], h, w), dtype=d_up.dtype, device=d_up.device, memory_format=memory_format(channels_last)
     )
 
 
 @torch.library.custom_op(f"{_LIB}::cru_wgrad", mutates_args=())
-def cru_wgrad(dwm: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+def _cru_wgrad_op(dwm: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     return K.cru_wgrad(dwm, groups)
 
 
-@cru_wgrad.register_fake
+@_cru_wgrad_op.register_fake
 def _(dwm, groups):
     c, cin, k, _ = dwm.shape
     return dwm.new_empty((c, cin // groups, k, k)), dwm.new_empty((c, cin, 1, 1))
 
 
+# eager: the launchers directly; under torch.compile: the custom ops (ops/_dispatch.py)
+cru_weights = eager_direct(_cru_weights_op, K.cru_weights)
+cru_pool = eager_direct(_cru_pool_op, K.cru_pool)
+cru_combine = eager_direct(_cru_combine_op, K.cru_combine)
+cru_reduce = eager_direct(_cru_reduce_op, K.cru_reduce)
+cru_combine_bwd = eager_direct(_cru_combine_bwd_op, K.cru_combine_bwd)
+cru_dsq = eager_direct(_cru_dsq_op, K.cru_dsq)
+cru_wgrad = eager_direct(_cru_wgrad_op, K.cru_wgrad)
+
+
 # ----------------------------------------------------------------------------- helpers
-def _layout(s: Tensor) -> tuple[Tensor, bool]:
+def _as_nchw_or_cl(s: Tensor) -> tuple[Tensor, bool]:
     """(s, channels_last): s itself when it is NCHW- or channels_last-contiguous, else
     an explicit NCHW copy (the only copy of the path; never taken for the outputs of
     this library's own SRU, of a conv, or of a user's NCHW / channels_last tensor)."""
@@ -192,7 +200,7 @@ def cru_forward_core(
     at small spatial sizes they outweigh the activations (512 channels at 7x7: the
     merged Y1 weight is ~6x an input-sized tensor at batch 2), and the backward
     rebuilds them with one weight-sized launch."""
-    s, cl = _layout(s)
+    s, cl = _as_nchw_or_cl(s)
     u, st, k = shape.up, shape.stride, shape.kernel_size
     wm, wsq = cru_weights(w_gwc, w_pwc1, w_sq1, w_sq2, shape.group_size, cl)
     up = _pointwise(s[:, :u], w_sq1.view(shape.up_sq, u), cl)
@@ -234,7 +242,7 @@ def cru_backward_core(
     ``saved`` is what ``cru_forward_core`` returned. With ``recompute`` Y1 and P2 are
     recomputed here from the saved up/low (two convolutions). ds is None unless need_ds.
     """
-    s, cl = _layout(s)
+    s, cl = _as_nchw_or_cl(s)
     if recompute:
         up, low, a = saved
     else:

@@ -9,24 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import sru as _ksru
 from .cru import cru_backward_core, cru_forward_core
-from .sru import sru_backward_op, sru_forward_op
+from .sru import sru_apply_op, sru_backward_op, sru_forward_op
 
 __all__ = ["SCConvFunction", "scconv"]
-
-
-@torch.library.custom_op("scconv_triton::sru_apply", mutates_args=())
-def _sru_apply(
-    x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-    tau: float, hard: bool,
-) -> torch.Tensor:
-    return _ksru.sru_apply(x, mean, rstd, weight, bias, tau, hard)
-
-
-@_sru_apply.register_fake
-def _sru_apply_fake(x, mean, rstd, weight, bias, tau, hard):
-    return torch.empty_like(x)
 
 
 class SCConvFunction(torch.autograd.Function):
@@ -61,7 +47,7 @@ class SCConvFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         need_x = need[0]
         need_gn = (need[1] or need[2]) and not hard
-        s = torch.ops.scconv_triton.sru_apply(x, mean, rstd, gn_w, gn_b, tau, hard)
+        s = sru_apply_op(x, mean, rstd, gn_w, gn_b, tau, hard)
         ds, d_sq1, d_sq2, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2 = cru_backward_core(
             dout, s, tuple(saved), w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, recompute,
             need_x or need_gn,

@@ -1,24 +1,23 @@
 """Fused SRU: torch.library custom ops around the Triton launchers, and its autograd Function.
 
-``scconv_triton::sru_fwd`` returns (s, mean, rstd); ``scconv_triton::sru_bwd`` returns
-(dx, dweight, dbias) with empty tensors standing for "no gradient". Both have fake
-(meta) implementations, so ``torch.compile(fullgraph=True)`` traces through them.
+``scconv_triton::sru_fwd`` returns (s, mean, rstd); ``scconv_triton::sru_apply`` rebuilds s
+from x and the statistics (the SCConv backward's recompute); ``scconv_triton::sru_bwd``
+returns (dx, dweight, dbias) with empty tensors standing for "no gradient". All have fake
+(meta) implementations, so ``torch.compile(fullgraph=True)`` traces through them; in eager
+mode the launchers are called directly (ops/_dispatch.py).
 """
 from __future__ import annotations
 
 import torch
 
 from ..kernels import sru as _k
+from ..kernels._launch import acc_dtype
+from ._dispatch import eager_direct
 
-__all__ = ["SRUFunction", "sru", "sru_forward_op", "sru_backward_op"]
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+__all__ = ["SRUFunction", "sru", "sru_forward_op", "sru_apply_op", "sru_backward_op"]
 
 
-@torch.library.custom_op("scconv_triton::sru_fwd", mutates_args=())
-def _sru_fwd(
+def _sru_fwd_impl(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
@@ -33,17 +32,32 @@ def _sru_fwd(
     return s, mean, rstd
 
 
+_sru_fwd = torch.library.custom_op("scconv_triton::sru_fwd", _sru_fwd_impl, mutates_args=())
+
+
 @_sru_fwd.register_fake
 def _sru_fwd_fake(x, weight, bias, group_num, eps, torch_gn, tau, hard):
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x.dtype)
     n = x.shape[0]
     # mean is fp64 for every input dtype (kernels/sru.py: an fp32 hi/lo pair in the kernels)
     mean = x.new_empty((n, group_num), dtype=torch.float64)
     return torch.empty_like(x), mean, x.new_empty((n, group_num), dtype=acc)
 
 
-@torch.library.custom_op("scconv_triton::sru_bwd", mutates_args=())
-def _sru_bwd(
+@torch.library.custom_op("scconv_triton::sru_apply", mutates_args=())
+def _sru_apply(
+    x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+    tau: float, hard: bool,
+) -> torch.Tensor:
+    return _k.sru_apply(x, mean, rstd, weight, bias, tau, hard)
+
+
+@_sru_apply.register_fake
+def _sru_apply_fake(x, mean, rstd, weight, bias, tau, hard):
+    return torch.empty_like(x)
+
+
+def _sru_bwd_impl(
     ds: torch.Tensor,
     x: torch.Tensor,
     mean: torch.Tensor,
@@ -68,6 +82,9 @@ def _sru_bwd(
     )
 
 
+_sru_bwd = torch.library.custom_op("scconv_triton::sru_bwd", _sru_bwd_impl, mutates_args=())
+
+
 @_sru_bwd.register_fake
 def _sru_bwd_fake(ds, x, mean, rstd, weight, bias, tau, hard, torch_gn, eps, needs_input_grad_params,
                   needs_input_grad_x):
@@ -76,17 +93,26 @@ def _sru_bwd_fake(ds, x, mean, rstd, weight, bias, tau, hard, torch_gn, eps, nee
     return dx, weight.new_empty((c,)), weight.new_empty((c,))
 
 
+# eager: the launchers directly; under torch.compile: the custom ops (ops/_dispatch.py)
+_sru_fwd_call = eager_direct(_sru_fwd, _sru_fwd_impl)
+_sru_apply_call = eager_direct(_sru_apply, _k.sru_apply)
+_sru_bwd_call = eager_direct(_sru_bwd, _sru_bwd_impl)
+
+
 def sru_forward_op(x, weight, bias, group_num, eps, torch_gn, tau, hard):
-    """(s, mean, rstd) from the ``scconv_triton::sru_fwd`` custom op; weight, bias (C,)."""
-    return torch.ops.scconv_triton.sru_fwd(
-        x, weight, bias, int(group_num), float(eps), bool(torch_gn), float(tau), bool(hard)
-    )
+    """(s, mean, rstd) of ``scconv_triton::sru_fwd``; weight, bias (C,)."""
+    return _sru_fwd_call(x, weight, bias, int(group_num), float(eps), bool(torch_gn), float(tau), bool(hard))
+
+
+def sru_apply_op(x, mean, rstd, weight, bias, tau, hard):
+    """s from x and the statistics of :func:`sru_forward_op` (``scconv_triton::sru_apply``)."""
+    return _sru_apply_call(x, mean, rstd, weight, bias, float(tau), bool(hard))
 
 
 def sru_backward_op(ds, x, mean, rstd, weight, bias, tau, hard, torch_gn, eps, needs_input_grad_params,
                     needs_input_grad_x=True):
     """(dx, dweight, dbias) from ``scconv_triton::sru_bwd``, with None for absent gradients."""
-    dx, dw, db = torch.ops.scconv_triton.sru_bwd(
+    dx, dw, db = _sru_bwd_call(
         ds, x, mean, rstd, weight, bias, float(tau), bool(hard), bool(torch_gn), float(eps),
         bool(needs_input_grad_params), bool(needs_input_grad_x),
     )
