@@ -49,6 +49,25 @@ Triton launches under the interpreter (``TRITON_INTERPRET=1``)
       only the aten ops: count Triton traffic with the interpreter
       (``benchmarks/run.py`` does it in a CPU subprocess).
 
+FLOPs per launch (``Launch.flops``, ``Launch.ew_flops``)
+    * Matrix FLOPs (``flops``): for an aten op, torch's FLOP counter
+      (``torch.utils.flop_counter``'s formulas on the op's shapes: convolutions and
+      their backward, mm / addmm / bmm / baddbmm, attention; exactly what
+      ``FlopCounterMode`` reports, tests/test_floor.py); every other aten op counts
+      0, as there. For a Triton launch, ``2 * M * N * K`` for every ``tl.dot`` its
+      programs execute (``InterpreterBuilder.create_dot`` is hooked), on the whole
+      operand blocks: masked-out lanes are multiplied too, as on the hardware.
+      ``mm_kind`` ("conv", "matmul", "dot") and ``mm_dtype`` say which tensor peak
+      applies (benchmarks/floor.py).
+    * Elementwise FLOPs (``ew_flops``, Triton only): lanes of every float
+      arithmetic op the interpreter executes (add, mul, div, fma = 2, exp, sqrt ...;
+      masked lanes included) plus one per element reduced; index arithmetic is not
+      counted. It is the estimate the floor holds against the CUDA-core peak;
+      elementwise aten ops are charged no FLOPs (they are bytes-bound by a factor of
+      ten or more on every card of the table).
+    * ``memo_triton_launches`` and ``per_sample_from`` are counting shortcuts
+      for the report (see their comments); ``Meter`` alone interprets everything.
+
 Bytes saved for backward (``saved_tensors_hooks``)
     Every tensor autograd packs (including ``ctx.save_for_backward`` of custom
     Functions) is recorded by its storage; the sum is over *distinct storages*
@@ -93,6 +112,10 @@ __all__ = [
     "tensor_bytes",
     "install_triton_hooks",
     "triton_hooks_installed",
+    "aten_flops",
+    "memo_triton_launches",
+    "per_sample_from",
+    "skip_triton_launches",
 ]
 
 aten = torch.ops.aten
@@ -143,8 +166,11 @@ def tensor_bytes(t: torch.Tensor, broadcast: str = "logical") -> int:
 
 def _tensor_key(t: torch.Tensor):
     try:
-        ptr = t.data_ptr()
-    except Exception:  # tensors without storage (meta / functional wrappers)
+        if t.device.type == "meta":  # no data pointer: the storage object identifies the memory
+            ptr = (t.untyped_storage()._cdata, t.storage_offset())
+        else:
+            ptr = t.data_ptr()
+    except Exception:  # tensors without storage (functional wrappers)
         ptr = id(t)
     return (t.device, ptr, tuple(t.shape), tuple(t.stride()), t.dtype)
 
@@ -157,6 +183,15 @@ class Launch:
     kind: str  # "aten" or "triton"
     bytes_read: int = 0
     bytes_written: int = 0
+    flops: int = 0  # matrix FLOPs: torch's FLOP counter (aten) or tl.dot operand shapes (Triton)
+    ew_flops: int = 0  # elementwise float ops of interpreted Triton programs (lanes x ops)
+    mm_kind: str = ""  # "conv", "matmul" or "dot" when flops > 0: which peak applies (floor.py)
+    mm_dtype: str = ""  # dtype of the matrix operands, e.g. "float32"
+    shape_sig: tuple = ()  # Triton: (grid, numel of each tensor argument); see per_sample_from
+
+    def as_list(self) -> list:
+        """Compact JSON form: [name, bytes, flops, ew_flops, mm_kind, mm_dtype]."""
+        return [self.name, self.bytes, self.flops, self.ew_flops, self.mm_kind, self.mm_dtype]
 
     @property
     def bytes(self) -> int:
@@ -202,6 +237,145 @@ def _charge(read: int = 0, written: int = 0) -> None:
             rec.bytes_written += written
 
 
+def _charge_flops(flops: int = 0, ew: int = 0, dtype: str = "") -> None:
+    for m in _ACTIVE:
+        rec = m._current_triton
+        if rec is not None:
+            rec.flops += flops
+            rec.ew_flops += ew
+            if flops and not rec.mm_kind:
+                rec.mm_kind, rec.mm_dtype = "dot", dtype
+
+
+# Interpreter builder methods that do float arithmetic, with the FLOPs one lane
+# costs: the elementwise estimate of a Triton launch is the sum over the calls of
+# lanes x this weight (masked lanes included, as the hardware computes them).
+# Integer ops (index and pointer arithmetic) and comparisons are not counted;
+# transcendentals (exp, log, sqrt, ...) count 1 like an add, which is what the
+# floor's CUDA-core peak (FP32 FMA rate counted as 2) can hold them to only
+# roughly; they never decide a floor here (elementwise work is bytes-bound).
+_EW_OPS = {
+    "create_fadd": 1, "create_fsub": 1, "create_fmul": 1, "create_fdiv": 1, "create_frem": 1,
+    "create_precise_divf": 1, "create_approx_divf": 1, "create_fneg": 1, "create_fma": 2,
+    "create_exp": 1, "create_exp2": 1, "create_log": 1, "create_log2": 1, "create_sqrt": 1,
+    "create_precise_sqrt": 1, "create_rsqrt": 1, "create_sin": 1, "create_cos": 1, "create_erf": 1,
+    "create_minimumf": 1, "create_maximumf": 1, "create_minnumf": 1, "create_maxnumf": 1,
+}
+
+
+def _np_dtype_name(h) -> str:
+    try:
+        return str(h.data.dtype)
+    except Exception:
+        return ""
+
+
+def _is_float_handle(h) -> bool:
+    try:
+        return h.data.dtype.kind == "f"
+    except Exception:
+        return False
+
+
+# ----------------------------------------------------------------------------- launch memo
+# Under ``memo_triton_launches(cache)`` an interpreted launch whose kernel, grid,
+# tensor shapes / strides / dtypes and scalar arguments were seen before is not
+# run again: its counts are copied from the first run. Valid because what a
+# kernel of this project loads and stores (its masks, its loop bounds) depends
+# on those and not on tensor values; the outputs of a skipped launch are left
+# unwritten, so use it for counting only (tests/test_floor.py checks that a
+# fused layer's step counts the same with and without it).
+_MEMO: list = []  # stack of active caches
+
+
+class _Unhashable(Exception):
+    pass
+
+
+def _arg_sig(v):
+    if isinstance(v, torch.Tensor):
+        return ("T", tuple(v.shape), tuple(v.stride()), str(v.dtype))
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return (type(v).__name__, v)
+    if isinstance(v, (tuple, list)):
+        return tuple(_arg_sig(a) for a in v)
+    if hasattr(v, "dtype") and hasattr(v, "__hash__") and type(v).__module__.startswith("triton"):
+        try:
+            hash(v)
+            return ("tl", repr(v))
+        except TypeError:
+            pass
+    raise _Unhashable(type(v).__name__)
+
+
+def _launch_key(executor, args, kwargs):
+    fn = executor.fn
+    grid = executor.grid
+    if callable(grid):
+        cells = tuple(c.cell_contents for c in (getattr(grid, "__closure__", None) or ()))
+        grid = ("callable", getattr(grid, "__code__", id(grid)), _arg_sig(list(cells)))
+    try:
+        return (getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)), _arg_sig(grid),
+                _arg_sig(list(args)), tuple(sorted((k, _arg_sig(v)) for k, v in kwargs.items())))
+    except _Unhashable:
+        return None
+
+
+# Under ``per_sample_from(launches, k)`` (counting at k times the batch of an
+# earlier count whose Triton launches, in order, are ``launches``) a launch is not
+# interpreted when it is the same kernel as the earlier one at its position, its
+# grid is the earlier grid with exactly one axis multiplied by k, and each tensor
+# argument has the earlier numel or k times it: its programs are then the earlier
+# programs plus k - 1 copies for the added samples, which load, store and compute
+# the same at shifted addresses, so its counts are k times the earlier ones.
+# Any other launch (a batch reduction, a grid that re-splits with the batch) is
+# interpreted. tests/test_floor.py checks the result against full interpretation.
+_PER_SAMPLE: list = []
+
+
+def _sig_of(executor, args, kwargs):
+    grid = executor.grid
+    if callable(grid):
+        return ()
+    grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+    numels = tuple(int(a.numel()) for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor))
+    return (grid, numels)
+
+
+def _scales_by(sig1, sig2, k: int) -> bool:
+    if not sig1 or not sig2 or len(sig1[1]) != len(sig2[1]):
+        return False
+    g1, g2 = sig1[0], sig2[0]
+    axes = [i for i in range(3) if g1[i] != g2[i]]
+    if len(axes) != 1 or g2[axes[0]] != k * g1[axes[0]]:
+        return False
+    scaled = [b == k * a and a > 0 for a, b in zip(sig1[1], sig2[1])]
+    same = [a == b for a, b in zip(sig1[1], sig2[1])]
+    return any(scaled) and all(x or y for x, y in zip(scaled, same))
+
+
+@contextlib.contextmanager
+def per_sample_from(launches, k: int = 2):
+    """Infer per-sample Triton launches from an earlier count at 1/k of the batch (see _PER_SAMPLE)."""
+    state = {"ref": [ln for ln in launches if ln.kind == "triton"], "i": 0, "k": int(k), "inferred": 0}
+    _PER_SAMPLE.append(state)
+    try:
+        yield state
+    finally:
+        _PER_SAMPLE.pop()
+
+
+@contextlib.contextmanager
+def memo_triton_launches(cache: dict | None = None):
+    """Count repeated identical interpreted launches once (see _MEMO above); yields the cache."""
+    cache = {} if cache is None else cache
+    _MEMO.append(cache)
+    try:
+        yield cache
+    finally:
+        _MEMO.pop()
+
+
 def install_triton_hooks() -> bool:
     """Wrap the Triton interpreter's launch, loads and stores (idempotent).
 
@@ -226,6 +400,9 @@ def install_triton_hooks() -> bool:
     orig_call = executor_cls.__call__
     orig_rmw = getattr(builder_cls, "create_atomic_rmw", None)
     orig_cas = getattr(builder_cls, "create_atomic_cas", None)
+    orig_dot = getattr(builder_cls, "create_dot", None)
+    reduce_cls = getattr(interp, "ReduceOps", None)
+    orig_reduce = getattr(reduce_cls, "apply_impl", None) if reduce_cls is not None else None
 
     def create_masked_load(self, ptrs, mask, *args, **kwargs):
         if _ACTIVE and _TRITON_DEPTH:
@@ -249,6 +426,30 @@ def install_triton_hooks() -> bool:
             _charge(read=b, written=b)
         return orig_cas(self, ptr, *args, **kwargs)
 
+    def create_dot(self, a, b, *args, **kwargs):
+        if _ACTIVE and _TRITON_DEPTH:
+            # (..., M, K) @ (..., K, N): 2*M*N*K per batch entry, on the whole
+            # operand blocks (masked-out lanes are multiplied too)
+            ad, bd = a.data, b.data
+            _charge_flops(flops=2 * int(ad.size) * int(bd.shape[-1]), dtype=_np_dtype_name(a))
+        return orig_dot(self, a, b, *args, **kwargs)
+
+    def ew_hook(orig, weight):
+        def hooked(self, *args, **kwargs):
+            out = orig(self, *args, **kwargs)
+            if _ACTIVE and _TRITON_DEPTH and _is_float_handle(out):
+                _charge_flops(ew=weight * int(out.data.size))
+            return out
+
+        return hooked
+
+    def reduce_apply(self, input, *args, **kwargs):
+        if _ACTIVE and _TRITON_DEPTH:
+            h = getattr(input, "handle", None)
+            if h is not None and _is_float_handle(h):
+                _charge_flops(ew=int(h.data.size))  # one combine per element reduced
+        return orig_reduce(self, input, *args, **kwargs)
+
     def __call__(self, *args, **kwargs):
         global _TRITON_DEPTH
         if not _ACTIVE:
@@ -262,6 +463,33 @@ def install_triton_hooks() -> bool:
                     m.launches.append(rec)
                     m._current_triton = rec
                     recs.append(m)
+        sig = _sig_of(self, args, kwargs) if recs else ()
+        for m in recs:
+            m._current_triton.shape_sig = sig
+        key = _launch_key(self, args, kwargs) if (_MEMO and recs) else None
+        if recs and _PER_SAMPLE and not (key is not None and key in _MEMO[-1]):
+            st = _PER_SAMPLE[-1]
+            ref = st["ref"][st["i"]] if st["i"] < len(st["ref"]) else None
+            st["i"] += 1
+            if ref is not None and ref.name == name and _scales_by(ref.shape_sig, sig, st["k"]):
+                k = st["k"]
+                for m in recs:
+                    rec = m._current_triton
+                    rec.bytes_read, rec.bytes_written = k * ref.bytes_read, k * ref.bytes_written
+                    rec.flops, rec.ew_flops, rec.mm_kind, rec.mm_dtype = (k * ref.flops, k * ref.ew_flops,
+                                                                          ref.mm_kind, ref.mm_dtype)
+                    m._current_triton = None
+                st["inferred"] += 1
+                return None
+        elif recs and _PER_SAMPLE:
+            _PER_SAMPLE[-1]["i"] += 1
+        if key is not None and key in _MEMO[-1]:
+            for m in recs:
+                cached = _MEMO[-1][key]
+                rec = m._current_triton
+                rec.bytes_read, rec.bytes_written, rec.flops, rec.ew_flops, rec.mm_kind, rec.mm_dtype = cached
+                m._current_triton = None
+            return None
         _TRITON_DEPTH += 1
         try:
             return orig_call(self, *args, **kwargs)
@@ -269,10 +497,22 @@ def install_triton_hooks() -> bool:
             _TRITON_DEPTH -= 1
             if _TRITON_DEPTH == 0:
                 for m in recs:
+                    rec = m._current_triton
+                    if key is not None and rec is not None:
+                        _MEMO[-1][key] = (rec.bytes_read, rec.bytes_written, rec.flops, rec.ew_flops,
+                                          rec.mm_kind, rec.mm_dtype)
                     m._current_triton = None
 
     builder_cls.create_masked_load = create_masked_load
     builder_cls.create_masked_store = create_masked_store
+    if orig_dot is not None:
+        builder_cls.create_dot = create_dot
+    for nm, weight in _EW_OPS.items():
+        orig = getattr(builder_cls, nm, None)
+        if orig is not None:
+            setattr(builder_cls, nm, ew_hook(orig, weight))
+    if orig_reduce is not None:
+        reduce_cls.apply_impl = reduce_apply
     if orig_rmw is not None:
         builder_cls.create_atomic_rmw = create_atomic_rmw
     if orig_cas is not None:
@@ -282,7 +522,8 @@ def install_triton_hooks() -> bool:
     # the class (it does not in 3.x); make sure it sees the hooks.
     inst = getattr(interp, "interpreter_builder", None)
     if inst is not None:
-        for nm in ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas"):
+        for nm in ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas",
+                   "create_dot", *_EW_OPS):
             if nm in vars(inst):
                 delattr(inst, nm)
     _HOOKS["installed"] = True
@@ -338,6 +579,30 @@ class _CountingMode(TorchDispatchMode):
             self.meter._opaque -= 1
         self.meter._record_aten(func, args, kwargs, out)
         return out
+
+
+def aten_flops(func, args, kwargs, out):
+    """(FLOPs, "conv" | "matmul" | "", operand dtype) of one aten op, by torch's FLOP counter.
+
+    The formulas are ``torch.utils.flop_counter``'s registry (convolutions and their
+    backward, mm / addmm / bmm / baddbmm, attention), evaluated on the op's shapes
+    exactly as ``FlopCounterMode`` does; every other op counts 0 FLOPs there (and
+    here): elementwise and reduction ops are charged their bytes only.
+    """
+    try:
+        from torch.utils.flop_counter import flop_registry
+    except Exception:  # pragma: no cover - torch without a FLOP counter
+        return 0, "", ""
+    packet = getattr(func, "_overloadpacket", None)
+    f = flop_registry.get(packet)
+    if f is None:
+        return 0, "", ""
+    flops = int(f(*args, **kwargs, out_val=out))
+    name = _base_name(func)
+    kind = "conv" if "conv" in name else "matmul"
+    t = next((a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor) and a.is_floating_point()),
+             None)
+    return flops, kind, (str(t.dtype).replace("torch.", "") if t is not None else "")
 
 
 def _base_name(func) -> str:
@@ -444,12 +709,14 @@ class Meter:
                     writes[_tensor_key(t)] = t
         if not reads and not writes and not isinstance(out, torch.Tensor):
             return  # touched no tensor (e.g. a scalar query)
+        flops, kind, dt = aten_flops(func, args, kwargs, out)
         self.launches.append(
             Launch(
                 str(func).replace("aten.", "", 1) if str(func).startswith("aten.") else str(func),
                 "aten",
                 sum(tensor_bytes(t, self.broadcast) for t in reads.values()),
                 sum(tensor_bytes(t, self.broadcast) for t in writes.values()),
+                flops=flops, mm_kind=kind, mm_dtype=dt,
             )
         )
 
@@ -470,6 +737,14 @@ class Meter:
     def total_bytes(self) -> int:
         return self.bytes_read + self.bytes_written
 
+    @property
+    def flops(self) -> int:
+        return sum(r.flops for r in self.launches)
+
+    @property
+    def ew_flops(self) -> int:
+        return sum(r.ew_flops for r in self.launches)
+
     def by_kind(self, kind: str) -> list[Launch]:
         return [r for r in self.launches if r.kind == kind]
 
@@ -478,8 +753,9 @@ class Meter:
         lines = [title] if title else []
         fmt = (lambda b: f"{b / unit:8.3f} S") if unit else (lambda b: f"{b:12d} B")
         for i, r in enumerate(self.launches):
-            lines.append(f"{i:3d} {r.kind:6s} {r.name:48s} R {fmt(r.bytes_read)}  W {fmt(r.bytes_written)}")
-        lines.append(f"    total: {self.n_launches} launches, {fmt(self.total_bytes)}")
+            lines.append(f"{i:3d} {r.kind:6s} {r.name:48s} R {fmt(r.bytes_read)}  W {fmt(r.bytes_written)}"
+                         f"  F {r.flops:12d}")
+        lines.append(f"    total: {self.n_launches} launches, {fmt(self.total_bytes)}, {self.flops} FLOPs")
         return "\n".join(lines)
 
 
@@ -558,7 +834,10 @@ def measure_step(module, x: torch.Tensor, *, grad: torch.Tensor | None = None, w
     ``fwd_triton_launches`` / ``bwd_triton_launches``, ``saved_bytes`` (besides
     the input and the module's parameters and buffers), ``saved_S``,
     ``saved_param_bytes`` (parameters and buffers, e.g. running statistics),
-    ``saved_input_bytes``; with ``keep_meters`` also the meters themselves
+    ``saved_input_bytes``, ``fwd_flops`` / ``bwd_flops`` (matrix FLOPs: torch's FLOP
+    counter and tl.dot), ``fwd_ew_flops`` / ``bwd_ew_flops`` (elementwise float ops of
+    Triton programs), ``fwd_launch_list`` / ``bwd_launch_list`` (per launch
+    ``Launch.as_list()``, what benchmarks/floor.py prices); with ``keep_meters`` also the meters themselves
     (``fwd_meter``, ``bwd_meter``).
     """
     params = list(module.parameters()) + list(module.buffers())  # module state, not activations
@@ -595,6 +874,12 @@ def measure_step(module, x: torch.Tensor, *, grad: torch.Tensor | None = None, w
         "saved_S": saved.bytes / S,
         "saved_param_bytes": saved.groups["params"],
         "saved_input_bytes": saved.groups["input"],
+        "fwd_flops": fwd.flops,
+        "bwd_flops": bwd.flops,
+        "fwd_ew_flops": fwd.ew_flops,
+        "bwd_ew_flops": bwd.ew_flops,
+        "fwd_launch_list": [r.as_list() for r in fwd.launches],
+        "bwd_launch_list": [r.as_list() for r in bwd.launches],
     }
     if keep_meters:
         res["fwd_meter"] = fwd

@@ -1,6 +1,7 @@
 """The main job: memory traffic, launches, saved memory (and on a GPU latency) of SCConv.
 
-    python benchmarks/run.py                 # CPU: counted columns, batch 1, fp32, interpreter (~2-3 min)
+    python benchmarks/run.py                 # CPU: counted columns and floors, interpreter (~7 min of CPU)
+    python benchmarks/run.py --gpu A100-80GB # the roofline floor priced on another card
     python benchmarks/run.py --batch 2       # DESIGN.md's exact setting (N=2; ~3-6 min on 2 cores)
     python benchmarks/run.py --json out.json --plot out.png
     python benchmarks/run.py --networks      # also whole-network saved bytes (ResNet-50, DenseNet-121)
@@ -58,11 +59,20 @@ elif not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-from benchmarks.meter import measure_step, tensor_bytes  # noqa: E402
+from benchmarks.floor import DEFAULT_GPU, Roofline, detect_gpu, extrapolate_launches, find_gpu  # noqa: E402
+from benchmarks.meter import Launch, measure_step, memo_triton_launches, per_sample_from, tensor_bytes  # noqa: E402
 
 IMPLS = ("reference", "compile", "ours", "ours-rc", "conv+bn")
 COUNT_KEYS = ("fwd_launches", "fwd_bytes", "bwd_launches", "bwd_bytes", "saved_bytes",
-              "fwd_triton_launches", "bwd_triton_launches")
+              "fwd_triton_launches", "bwd_triton_launches", "fwd_flops", "bwd_flops", "fwd_ew_flops",
+              "bwd_ew_flops")
+LIST_KEYS = ("fwd_launch_list", "bwd_launch_list")  # per launch, what the floor prices
+#: Batch the floor columns are computed at on a CPU (on a GPU: the timing batch).
+CPU_FLOOR_BATCH = 64
+# One process-wide memo of interpreted Triton launches (meter.memo_triton_launches):
+# the CRU weight kernels, the forward of ours-rc and the layers the whole networks
+# share with the per-layer rows are interpreted once.
+_LAUNCH_MEMO: dict = {}
 
 # ----------------------------------------------------------------------------- shapes
 # (name, in channels, out channels, input H=W, stride)
@@ -147,28 +157,107 @@ def _err(e: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- counting
-def count_row(impl, cin, cout, h, stride, batch, dtype=torch.float32, channels_last=False, warmup=0):
+def count_row(impl, cin, cout, h, stride, batch, dtype=torch.float32, channels_last=False, warmup=0, memo=True,
+              like=None):
     """Counted columns of one row on the CPU (the interpreter for Triton).
 
     No warm-up step by default: the interpreter has no compile cache, and an
     eager or interpreted step counts the same the first time (checked by
     tests/test_bench_run.py); a warm-up would double the interpreter's time.
+    ``memo``: repeated identical Triton launches are interpreted once per process
+    (meter.memo_triton_launches; same counts, checked by tests/test_floor.py).
+    ``like``: this row's counts at a batch dividing ``batch``; per-sample Triton
+    launches are then inferred from it instead of interpreted (meter.per_sample_from;
+    checked against full interpretation by tests/test_floor.py).
     """
+    import contextlib
+    import warnings
+
+    import numpy as np
+
     mod = _to(build(impl, cin, cout, stride), "cpu", dtype, channels_last)
     x = _input(batch, cin, h, "cpu", dtype, channels_last)
-    r = measure_step(mod, x, warmup=warmup)
-    return {k: r[k] for k in COUNT_KEYS + ("S", "out_bytes")}
+    ctx = memo_triton_launches(_LAUNCH_MEMO) if memo else contextlib.nullcontext()
+    ps = contextlib.nullcontext()
+    if like is not None and like.get("triton_ref") is not None and batch % like["batch"] == 0 and warmup == 0:
+        ref = [Launch(ln[0], "triton", ln[3], ln[4], ln[5], ln[6], ln[7], ln[8],
+                      shape_sig=(tuple(ln[1]), tuple(ln[2])) if ln[1] else ()) for ln in like["triton_ref"]]
+        ps = per_sample_from(ref, batch // like["batch"])
+    state = None
+    # a memoised or inferred launch leaves its outputs unwritten: later kernels may see NaNs
+    with ctx, ps as state, np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        r = measure_step(mod, x, warmup=warmup, keep_meters=True)
+    out = {k: r[k] for k in COUNT_KEYS + LIST_KEYS + ("S", "out_bytes")}
+    out["batch"] = batch
+    out["inferred_launches"] = state["inferred"] if state else 0
+    out["triton_ref"] = [
+        [ln.name, list(ln.shape_sig[0]) if ln.shape_sig else [], list(ln.shape_sig[1]) if ln.shape_sig else [],
+         ln.bytes_read, ln.bytes_written, ln.flops, ln.ew_flops, ln.mm_kind, ln.mm_dtype]
+        for m in (r["fwd_meter"], r["bwd_meter"]) for ln in m.launches if ln.kind == "triton"]
+    if impl != "conv+bn":
+        out["layer_repr"] = repr(mod)
+    return out
 
 
-def extrapolate(c1: dict, c2: dict, n: int) -> dict:
-    """Counts at batch 1 and 2 -> counts at batch n (bytes affine in n, launches constant)."""
+class CountCache:
+    """Counts by row across runs (``--count-cache PATH``): counts do not depend on the GPU the
+    floor is priced for, so ``--gpu`` variants of a run reuse them. Delete the file when the
+    kernels or the meter change."""
+
+    def __init__(self, path=None):
+        self.path, self.data = path, {}
+        if path and os.path.exists(path):
+            with open(path) as f:
+                self.data = json.load(f)
+
+    @staticmethod
+    def key(impl, cin, cout, h, s, b, dtype, channels_last):
+        return f"{_shape_key(cin, cout, h, s)}|{impl}|{b}|{dtype}|{int(bool(channels_last))}"
+
+    def count(self, impl, cin, cout, h, s, b, dtype, channels_last, like=None):
+        k = self.key(impl, cin, cout, h, s, b, dtype, channels_last)
+        if k not in self.data:
+            c = count_row(impl, cin, cout, h, s, b, dtype, channels_last, like=like)
+            if not self.path:
+                return c
+            self.data[k] = c
+            self.save()  # as it goes: a run that stops later keeps what it counted
+        return self.data[k]
+
+    def save(self):
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump(self.data, f)
+
+
+def extrapolate(c1: dict, c2: dict, n: int, b1: int = 1, b2: int = 2) -> dict:
+    """Counts at batches b1 and b2 -> counts at batch n (bytes and FLOPs affine in n, launches constant;
+    the per-launch lists extrapolated launch by launch)."""
     out = {}
     for k, v1 in c1.items():
         v2 = c2[k]
-        if k.endswith("_bytes") or k == "S":
-            out[k] = int(round(v1 + (n - 1) * (v2 - v1)))
+        if k in LIST_KEYS:
+            out[k] = extrapolate_launches(v1, v2, n, b1, b2)
+        elif k.endswith("_bytes") or k.endswith("_flops") or k == "S":
+            out[k] = int(round(v1 + (n - b1) * (v2 - v1) / (b2 - b1)))
         else:
             out[k] = v2
+    return out
+
+
+def row_floor(c1: dict, c2: dict | None, n: int, roofline: Roofline, b1: int = 1, b2: int = 2) -> dict:
+    """Floor columns of one row at batch n from counts at b1 (and b2; without it, n must be b1)."""
+    if c2 is None:
+        if n != b1:
+            raise ValueError("a floor at another batch than the counted one needs counts at two batches")
+        fl, bl = c1["fwd_launch_list"], c1["bwd_launch_list"]
+    else:
+        fl = extrapolate_launches(c1["fwd_launch_list"], c2["fwd_launch_list"], n, b1, b2)
+        bl = extrapolate_launches(c1["bwd_launch_list"], c2["bwd_launch_list"], n, b1, b2)
+    out = roofline.step_floor(fl, bl)
+    del out["launches"]
+    out["floor_batch"] = n
     return out
 
 
@@ -283,8 +372,11 @@ def _f(v, fmt):
 
 def format_table(rows, show_times: bool) -> str:
     hdr = ["layer", "impl", "fwd L", "fwd S", "fwd MiB", "bwd L", "bwd S", "bwd MiB", "saved S", "saved MiB"]
+    show_floor = any(r.get("floor_ms") is not None for r in rows)
+    if show_floor:
+        hdr += ["GF fwd", "GF bwd", "floor fwd", "floor bwd", "floor f+b"]
     if show_times:
-        hdr += ["fwd ms", "bwd ms", "f+b ms", "GB/s", "%copy", "peak MiB"]
+        hdr += ["fwd ms", "bwd ms", "f+b ms", "GB/s", "%copy", "peak MiB"] + (["%floor"] if show_floor else [])
     lines = []
     for r in rows:
         if r.get("error"):
@@ -306,10 +398,17 @@ def format_table(rows, show_times: bool) -> str:
                  tl("fwd_launches") or "-", _f(s("fwd_bytes"), ".1f"), _f(m("fwd_bytes"), ".1f"),
                  tl("bwd_launches") or "-", _f(s("bwd_bytes"), ".1f"), _f(m("bwd_bytes"), ".1f"),
                  _f(s("saved_bytes"), ".2f"), _f(m("saved_bytes"), ".2f")]
+        gf = lambda k: None if r.get(k) is None else r[k] / 1e9  # noqa: E731
+        if show_floor:
+            cells += [_f(gf("floor_fwd_flops"), ".2f"), _f(gf("floor_bwd_flops"), ".2f"),
+                      _f(r.get("floor_fwd_ms"), ".3f"), _f(r.get("floor_bwd_ms"), ".3f"),
+                      _f(r.get("floor_ms"), ".3f")]
         if show_times:
             cells += [_f(r.get("fwd_ms"), ".3f"), _f(r.get("bwd_ms"), ".3f"), _f(r.get("fwdbwd_ms"), ".3f"),
                       _f(r.get("gbps"), ".0f"), _f(r.get("copy_frac") and 100 * r["copy_frac"], ".0f"),
                       _f(m("peak_bytes"), ".1f")]
+            if show_floor:
+                cells += [_f(r.get("pct_floor"), ".0f")]
         lines.append(cells)
     widths = [len(h) for h in hdr]
     for cells in lines:
@@ -349,9 +448,34 @@ def plot(rows, path: str):
               ("saved_bytes", "saved for backward (S)", True), ("fwd_launches", "forward launches", False)]
     if timed:
         panels.append(("fwdbwd_ms", "forward+backward (ms)", False))
+    floored = any(r.get("floor_ms") is not None for r in ok)
+    if floored:
+        fb = next(r["floor_batch"] for r in ok if r.get("floor_ms") is not None)
+        panels.append(("floor", f"floor f+b at batch {fb} (ms): bytes / FLOP / launch-bound"
+                       + ("; x = measured" if timed else ""), False))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
     wbar = 0.8 / max(len(impls), 1)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, title, in_s) in zip(axes, panels):
+        if key == "floor":
+            for j, impl in enumerate(impls):
+                xs, parts, meas = [], ([], [], []), []
+                for i, layer in enumerate(layers):
+                    r = next((r for r in ok if r["layer"] == layer and r["impl"] == impl), None)
+                    xs.append(i + j * wbar)
+                    for part, k in zip(parts, ("floor_bytes_ms", "floor_flops_ms", "floor_launch_ms")):
+                        part.append(float("nan") if r is None or r.get(k) is None else r[k])
+                    ok_t = r is not None and r.get("fwdbwd_ms") is not None and r.get("floor_batch") == r["batch"]
+                    meas.append(r["fwdbwd_ms"] if ok_t else float("nan"))
+                c = colors[j % len(colors)]
+                ax.bar(xs, parts[0], wbar, color=c, label=impl if key == panels[0][0] else None)
+                ax.bar(xs, parts[1], wbar, bottom=parts[0], color=c, hatch="//", edgecolor="white")
+                ax.bar(xs, parts[2], wbar, bottom=[a + b for a, b in zip(*parts[:2])], color=c, alpha=0.4)
+                ax.plot(xs, meas, "kx", linestyle="none")
+            ax.set_title(title, fontsize=8)
+            ax.set_xticks([i + 0.4 - wbar / 2 for i in range(len(layers))])
+            ax.set_xticklabels(layers, rotation=45, ha="right", fontsize=7)
+            continue
         for j, impl in enumerate(impls):
             vals = []
             for layer in layers:
@@ -399,6 +523,19 @@ def parse_args(argv=None):
                    help="whole-network saved bytes, reference and fused (benchmarks/networks.py; default on)")
     p.add_argument("--net-batch", type=int, default=2, help="with --networks: batch (default 2)")
     p.add_argument("--net-size", type=int, default=224, help="with --networks: image size (default 224)")
+    p.add_argument("--gpu", default=None,
+                   help="card the roofline floor is computed for (benchmarks/floor.py GPUS: H100-SXM, H200, "
+                        "A100-80GB, A100-40GB, L4, RTX-4090, RTX-3090, H100-PCIe); default: H100-SXM on a CPU, "
+                        "the detected card (with the measured copy bandwidth) on a GPU")
+    p.add_argument("--floor-batch", type=int, default=None,
+                   help=f"batch of the FLOPs and floor columns (default: the timing batch when timing, "
+                        f"{CPU_FLOOR_BATCH} on a CPU; counts at two batches are extrapolated per launch)")
+    p.add_argument("--net-floor", action=argparse.BooleanOptionalAction, default=None,
+                   help="whole-network roofline floor at the study's batch sizes (default: with --networks "
+                        "and the counts; its fused layers are counted under the interpreter)")
+    p.add_argument("--count-cache", metavar="PATH", default=None,
+                   help="keep the CPU counts in a JSON file and reuse them (e.g. to price the same counts "
+                        "with another --gpu); delete it when the code changes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--count-only", metavar="PATH", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -406,6 +543,58 @@ def parse_args(argv=None):
 
 def _shape_key(cin, cout, h, s):
     return f"{cin}:{cout}@{h}/{s}"
+
+
+def _floor_gpu(args, device):
+    """(GPU of the floor, detected?): --gpu if given; on a GPU the detected card; else the default."""
+    if args.gpu:
+        return find_gpu(args.gpu), False
+    if device == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        g = detect_gpu(torch.cuda.get_device_name(0), props.total_memory)
+        if g is not None:
+            return g, True
+        print(f"floor: {torch.cuda.get_device_name(0)} is not in benchmarks/floor.py's table; pricing on "
+              f"{DEFAULT_GPU} with the measured copy bandwidth", file=sys.stderr)
+        return find_gpu(DEFAULT_GPU), True
+    return find_gpu(DEFAULT_GPU), False
+
+
+def _layer_counter(counts, args, in_process, cache):
+    """layer_counts(keys) for networks.count_networks: fused ("ours") layer counts at batches 1 and 2,
+    reusing the per-layer rows' counts and counting the others once (in a CPU subprocess on a GPU machine)."""
+    dtype = DTYPES[args.dtype]
+
+    def layer_counts(keys):
+        out, todo = {}, []
+        for key in keys:
+            cin, cout, h, s = key
+            sk = _shape_key(cin, cout, h, s)
+            have = {b: counts.get((sk, "ours", b)) for b in (1, 2)}
+            if all(v is not None for v in have.values()):
+                out[key] = have
+            else:
+                todo.append(key)
+        if todo and in_process:
+            for key in todo:
+                cin, cout, h, s = key
+                out[key] = {}
+                for b in (1, 2):
+                    try:
+                        out[key][b] = cache.count("ours", cin, cout, h, s, b, dtype, args.channels_last,
+                                                  like=out[key].get(1))
+                    except Exception as e:
+                        out[key][b] = {"error": _err(e)}
+                    if not args.quiet:
+                        print(f"[network floor] counted layer {_shape_key(*key)} N={b}", file=sys.stderr)
+        elif todo:
+            shapes = [(_shape_key(*k), *k) for k in todo]
+            raw = count_subprocess(shapes, ["ours"], [1, 2], args.dtype, args.channels_last)
+            for key in todo:
+                out[key] = {b: raw[f"{_shape_key(*key)}|ours|{b}"] for b in (1, 2)}
+        return out
+
+    return layer_counts
 
 
 def run(args, tools=None, compile_fn=None, stream=None) -> dict:
@@ -430,9 +619,14 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
     if args.count_batches:
         cbatches = [int(b) for b in args.count_batches.split(",")]
     else:
-        cbatches = [batch] if (device == "cpu" or interp) else [1, 2]
+        # on a CPU, batch 1 and 2: the floor columns extrapolate per launch from two batches
+        cbatches = ([1, 2] if batch <= 2 else [batch]) if (device == "cpu" or interp) else [1, 2]
     count_in_process = device == "cpu" or interp
     countable = [i for i in impls if i != "compile"]
+    floor_batch = args.floor_batch or (batch if times else CPU_FLOOR_BATCH)
+    if len(cbatches) < 2:
+        floor_batch = cbatches[0]  # one counted batch: no per-launch extrapolation
+    gpu, detected = _floor_gpu(args, device)
 
     t_start = time.perf_counter()
     n_steps = (0 if args.no_count else len(shapes) * len(countable) * (len(cbatches) if count_in_process else 0))
@@ -440,14 +634,17 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
     prog = Progress(n_steps + (1 if times else 0), quiet=args.quiet)
 
     # ---- counts
+    cache = CountCache(args.count_cache)
     counts = {}  # (shape key, impl, batch) -> dict or {"error": ...}
     if not args.no_count and countable:
         if count_in_process:
             for name, cin, cout, h, s in shapes:
                 for impl in countable:
+                    prev = None
                     for b in cbatches:
                         try:
-                            c = count_row(impl, cin, cout, h, s, b, dtype, args.channels_last)
+                            c = cache.count(impl, cin, cout, h, s, b, dtype, args.channels_last, like=prev)
+                            prev = c
                         except Exception as e:  # the fused path may not exist yet
                             if os.environ.get("SCCONV_BENCH_DEBUG"):
                                 traceback.print_exc()
@@ -475,6 +672,7 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
         copy_bw = tools.copy_bandwidth()
         prog.step(f"copy bandwidth {copy_bw:.0f} GB/s")
 
+    roofline = Roofline(gpu, bandwidth_gbps=copy_bw if detected else None, dtype=str(dtype).replace("torch.", ""))
     rows = []
     for name, cin, cout, h, s in shapes:
         sk = _shape_key(cin, cout, h, s)
@@ -486,14 +684,20 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
                 if any(c is None or "error" in c for c in cs):
                     row["error"] = next((c["error"] for c in cs if c and "error" in c), "not counted")
                 else:
-                    if len(cbatches) == 1 and cbatches[0] == batch:
-                        c = cs[0]
+                    if batch in cbatches:
+                        c = cs[cbatches.index(batch)]
                     elif len(cbatches) >= 2:
-                        c = extrapolate(cs[0], cs[1], batch) if cbatches[:2] == [1, 2] else cs[-1]
+                        c = extrapolate(cs[0], cs[1], batch, cbatches[0], cbatches[1])
                     else:
                         c = cs[0]
                     row["counted_at_batch"] = cbatches if len(cbatches) > 1 else cbatches[0]
                     row.update({k: c[k] for k in COUNT_KEYS})
+                    try:
+                        two = len(cbatches) >= 2
+                        row.update(row_floor(cs[0], cs[1] if two else None, floor_batch, roofline,
+                                             cbatches[0], cbatches[1] if two else cbatches[0]))
+                    except (ValueError, KeyError) as e:
+                        row["floor_error"] = _err(e)
                     row["S"] = c["S"]
                     row["fwd_launches_triton"] = c["fwd_triton_launches"]
                     row["bwd_launches_triton"] = c["bwd_triton_launches"]
@@ -507,6 +711,8 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
                     if row.get("fwd_bytes") is not None and row.get("fwdbwd_ms"):
                         row["gbps"] = (row["fwd_bytes"] + row["bwd_bytes"]) / (row["fwdbwd_ms"] * 1e-3) / 1e9
                         row["copy_frac"] = row["gbps"] / copy_bw if copy_bw else None
+                    if row.get("floor_ms") and row.get("fwdbwd_ms") and row.get("floor_batch") == batch:
+                        row["pct_floor"] = 100 * row["fwdbwd_ms"] / row["floor_ms"]
                     row.pop("error", None) if impl == "compile" else None
                     del mod, x
                 except Exception as e:
@@ -528,6 +734,9 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
         "channels_last": args.channels_last,
         "copy_bandwidth_gbps": copy_bw,
         "unit_S": "bytes of the layer input N*C*H*W*element_size",
+        "floor_gpu": roofline.gpu.name,
+        "floor_model": roofline.describe(),
+        "floor_batch": floor_batch,
     }
     try:
         import triton
@@ -545,6 +754,18 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
         result["networks"] = networks.run_networks(
             device=device, batch=args.net_batch, size=args.net_size, fused=True, times=times,
             tools=tools, quiet=args.quiet)
+    net_floor = args.net_floor if args.net_floor is not None else (args.networks and not args.no_count)
+    if net_floor:
+        try:
+            from benchmarks import networks
+        except ImportError:
+            import networks  # type: ignore
+        layer_counts = _layer_counter(counts, args, count_in_process, cache)
+        counted = networks.count_networks(layer_counts, size=args.net_size, quiet=args.quiet)
+        result["network_floor"] = networks.price_networks(counted, roofline)
+        result["network_floor_by_gpu"] = networks.format_ratios_by_gpu(
+            counted, lambda g: Roofline(g, dtype=roofline.dtype))
+    cache.save()
     result["meta"]["wall_s"] = time.perf_counter() - t_start
 
     # ---- report
@@ -552,15 +773,23 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
           f"device {meta['device']}" + (", Triton interpreter" if interp else ""), file=stream)
     print("S = bytes of the layer input (N*C*H*W*element_size); L = launches (nT = of which Triton); "
           "saved = bytes kept for backward besides the input and the parameters", file=stream)
-    if cbatches != [batch] and not args.no_count:
+    if batch not in cbatches and not args.no_count:
         print(f"counts measured at batch {cbatches} and extrapolated to batch {batch}", file=stream)
     if times and copy_bw:
         print(f"copy bandwidth (device-to-device, read+write): {copy_bw:.0f} GB/s", file=stream)
+    if not args.no_count:
+        print(f"floor (a model, not a measurement; benchmarks/floor.py) at batch {floor_batch} on "
+              f"{roofline.describe()}; GF = GFLOP (matrix: torch's FLOP counter, tl.dot) at that batch; "
+              "floor columns in ms" + ("; %floor = measured f+b / floor f+b" if times else ""), file=stream)
     print(file=stream)
     print(format_table(rows, times), file=stream)
     if "networks" in result:
         print(file=stream)
         print(networks.format_networks(result["networks"]), file=stream)
+    if "network_floor" in result:
+        print(file=stream)
+        print(networks.format_floor(result["network_floor"], roofline), file=stream)
+        print(result["network_floor_by_gpu"], file=stream)
     print(f"\n(wall time {result['meta']['wall_s']:.1f} s)", file=stream)
     if args.json:
         with open(args.json, "w") as f:

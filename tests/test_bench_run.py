@@ -23,7 +23,7 @@ SHAPE = "16@8"  # SCConv(16) on 8x8
 
 def _args(*argv):
     # whole networks have their own tests below; keep the layer-level runs small
-    return bench.parse_args(["--quiet", "--no-networks", "--shapes", SHAPE, *argv])
+    return bench.parse_args(["--quiet", "--no-networks", "--no-net-floor", "--shapes", SHAPE, *argv])
 
 
 def _row(res, impl):
@@ -99,7 +99,14 @@ def test_default_path_counts_and_prints(tmp_path):
     # ours moves less than the reference (DESIGN.md's claim, counted by the meter)
     assert _row(res, "ours")["fwd_bytes"] < ref["fwd_bytes"]
     assert "reference" in text and "conv+bn" in text and "fwd S" in text and "n/a" not in text
-    assert ("GB/s" in text) == ON_GPU  # timing columns on a GPU only
+    assert ("%copy" in text) == ON_GPU and ("f+b ms" in text) == ON_GPU  # timing columns on a GPU only
+    # floor columns at the floor batch (64 on a CPU, the run's batch on a GPU), from counts at
+    # batch 1 and 2 extrapolated per launch
+    assert "floor f+b" in text and (ON_GPU or "H100 SXM" in text)
+    assert ref["floor_batch"] == (batch if ON_GPU else bench.CPU_FLOOR_BATCH)
+    assert ref["floor_ms"] == pytest.approx(ref["floor_fwd_ms"] + ref["floor_bwd_ms"])
+    assert cb["floor_fwd_flops"] == ref["floor_batch"] * cb["fwd_flops"]  # conv FLOPs scale with N
+    assert ref["floor_fwd_flops"] == ref["floor_batch"] * ref["fwd_flops"]
     data = json.loads(jpath.read_text())
     assert data["rows"][0]["fwd_launches"] == 28
     assert data["meta"]["batch"] == batch
@@ -141,13 +148,17 @@ def test_gpu_path_with_fake_timers(fake_gpu, tmp_path):
     assert ref["S"] == 4 * 16 * 64 * 4
     assert ref["gbps"] == pytest.approx((ref["fwd_bytes"] + ref["bwd_bytes"]) / 2e-3 / 1e9)
     assert ref["copy_frac"] == pytest.approx(ref["gbps"] / bw)
+    # the floor is at the timing batch; measured time as % of it
+    assert ref["floor_batch"] == 4
+    assert ref["pct_floor"] == pytest.approx(100 * 2.0 / ref["floor_ms"])
+    assert ref["floor_fwd_flops"] == direct["fwd_flops"] and ref["floor_bwd_flops"] == direct["bwd_flops"]
     comp = _row(res, "compile")
     assert comp["fwdbwd_ms"] == 2.0 and comp.get("fwd_launches") is None and "error" not in comp
     ours = _row(res, "ours")
     assert "error" not in ours, ours
     assert ours["fwdbwd_ms"] == 2.0 and ours["fwd_bytes"] > 0 and ours["gbps"] > 0
     assert fake_gpu["resets"] >= 3 and fake_gpu["syncs"] > 0
-    for col in ("fwd ms", "bwd ms", "f+b ms", "GB/s", "%copy", "peak MiB"):
+    for col in ("fwd ms", "bwd ms", "f+b ms", "GB/s", "%copy", "peak MiB", "%floor", "floor f+b"):
         assert col in text
     assert "copy bandwidth" in text
     json.loads((tmp_path / "g.json").read_text())
