@@ -1,7 +1,9 @@
 """Test harness: the same tests run compiled kernels on a GPU or interpreted ones on a CPU.
 
 TRITON_INTERPRET must be set before any module defining @triton.jit kernels is
-imported, so it is decided here, before the tests import the package.
+imported, so it is decided here, before the tests import the package. What the tests
+share (DEVICE, tolerances, the error and gate-margin measures, the GPU / CPU-only
+markers) lives in tests/_helpers.py.
 """
 import os
 
@@ -14,12 +16,26 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from _helpers import DEVICE  # noqa: E402
+
+# fp32 comparisons at 1e-5 need true fp32 convolutions and matmuls: on Ampere and later
+# cuDNN / cuBLAS would otherwise round them to TF32 (10-bit mantissa), differently in the
+# fused and the reference path. No effect on a CPU.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
 
 
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture
+def deterministic(monkeypatch):
+    """Bitwise-reproducible cuDNN for the test (our kernels use no atomics; cuDNN's
+    convolution backward picks nondeterministic algorithms unless told not to)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
 
 
 @pytest.fixture(autouse=True)

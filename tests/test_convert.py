@@ -237,15 +237,15 @@ def test_scconv_from_conv_and_incompatibility():
         convert(nn.Conv2d(16, 16, 3, padding=1))
 
 
-def test_fused_replacement_with_bias_matches_reference():
+def test_fused_replacement_with_bias_matches_reference(device):
     """The fused SCConv put in by convert (bias kept) computes what the reference one does."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2, padding=1, bias=True))
     fused = convert(m, backend="triton").model[0]
     refm = convert(m, fused=False).model[0]
     refm.load_state_dict(fused.state_dict())
-    x = torch.randn(2, 16, 6, 6, dtype=torch.float64, requires_grad=True)
-    fused.double(), refm.double()
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64, device=device, requires_grad=True)
+    fused.to(device, torch.float64), refm.to(device, torch.float64)
     yf, yr = fused(x), refm(x)
     torch.testing.assert_close(yf, yr)
     gf = torch.autograd.grad(yf.square().sum(), [x, fused.bias, fused.scconv.CRU.GWC.weight])

@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+from _helpers import cpu_only  # noqa: E402
 
 # The SCConv path the ranks run: "triton" = the fused kernels (interpreted on CPU).
 SCCONV_BACKEND = "triton"
@@ -97,6 +98,8 @@ def _worker(rank: int, port: int, out_dir: str):
         dist.destroy_process_group()
 
 
+@cpu_only("the ranks and the single-process run use CPU tensors and the Triton interpreter (gloo on the "
+          "CPU); on a GPU machine the parent process has no interpreter to run the fused kernels on CPU tensors")
 def test_ddp_gloo_two_ranks_match_single_process(tmp_path):
     import torch.distributed as dist
 

@@ -6,19 +6,17 @@ eager rows of the report; the floor's arithmetic against hand-priced launches;
 the shortcuts the report takes to stay fast (meta-device counting, stub
 composition of the fused networks, the launch memo) against the slow way.
 """
-import os
-
 import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from _helpers import needs_interpreter
 from benchmarks import floor
 from benchmarks.floor import GPUS, Roofline, extrapolate_launches
 from benchmarks.meter import Meter, measure_step, memo_triton_launches
 
-needs_interp = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                  reason="Triton launches are counted under the interpreter")
+needs_interp = needs_interpreter("Triton launches are counted under the interpreter")
 
 
 # ----------------------------------------------------------------------------- FLOPs, by hand

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from _helpers import cpu_only
 from benchmarks import gpu_session as gs
 
 NETS = "SCConv-R50 (ours),DenseNet-121"  # a fused network and the cheapest eager baseline: both code paths
@@ -28,9 +29,8 @@ def _dry(tmp_path, out, *argv):
                     "--pytest-args", pytest_args, *argv])
 
 
-@pytest.mark.skipif(torch.cuda.is_available(),
-                    reason="CPU-only by nature: the dry run needs the Triton interpreter, which this process does "
-                           "not use on CUDA; there the real session (benchmarks/gpu_session.py) is the check")
+@cpu_only("the dry run needs the Triton interpreter, which this process does not use on CUDA; there the "
+          "real session (benchmarks/gpu_session.py) is the check")
 def test_dry_run_every_part(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")  # the tiny pytest child starts in ~1 s
     monkeypatch.delenv("OUT", raising=False)

@@ -12,7 +12,6 @@ kernel launch or any aten op runs):
   - N == 0 is valid: empty output, empty / zero gradients, like the reference.
 """
 import inspect
-import os
 
 import numpy as np
 import pytest
@@ -27,28 +26,10 @@ from scconv_triton.kernels import sru as ksru
 from scconv_triton.ops.cru import CRUFunction
 from scconv_triton.ops.scconv import scconv as scconv_fn
 from scconv_triton.ops.sru import SRUFunction
+from _helpers import gate_r, gpu, needs_interpreter, rel, two_gpus
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
                                         "ignore:invalid value encountered:RuntimeWarning")
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-def _gate_r(x, weight, bias, group_num, eps, torch_gn):
-    """r = sigmoid(gn(x) * w_gamma) in float64, from the reference's own modules."""
-    c = x.shape[1]
-    gn = torch.nn.GroupNorm(group_num, c, eps=eps) if torch_gn else ref.GroupBatchnorm2d(c, group_num, eps)
-    gn = gn.double().to(x.device)
-    with torch.no_grad():
-        gn.weight.copy_(weight.double().view_as(gn.weight))
-        gn.bias.copy_(bias.double().view_as(gn.bias))
-        g = gn(x.double())
-        return torch.sigmoid(g * (weight.double() / weight.double().sum()).view(1, -1, 1, 1))
 
 
 def _tau_in_widest_gap(r, lo=0.25, hi=0.75):
@@ -77,7 +58,7 @@ def _sru_inputs(device, torch_gn, n=1, c=8, g=2, h=3, w=3):
     weight = weight - weight.mean() + 2.0 / c  # sum(weight) = 2: w_gamma = O(1)
     bias = 0.3 * torch.randn(c, dtype=torch.float64, device=device)
     eps = 1e-5 if torch_gn else 1e-10
-    r = _gate_r(x, weight, bias, g, eps, torch_gn)
+    r = gate_r(x, weight, bias, g, eps, torch_gn)
     tau, margin = _tau_in_widest_gap(r)
     # a 1e-6 perturbation moves r by far less than 1e-4 here; require 100x that
     assert margin > 1e-3, margin
@@ -260,8 +241,7 @@ def test_parameter_on_another_device_is_a_value_error_naming_it(module, device, 
     assert calls == [] and log.ops == []
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@two_gpus
 @pytest.mark.parametrize("module", ["SRU", "CRU", "SCConv"])
 def test_parameters_and_input_on_different_gpus(module):
     fused, _ = _modules()[module]
@@ -341,13 +321,13 @@ def test_unusual_layouts_match_reference_forward_and_backward(module, device):
         fused.zero_grad()
         base.zero_grad()
         yf, yr = fused(xf), base(xr)
-        assert _rel(yf, yr) < 1e-10, (name, "out")
+        assert rel(yf, yr) < 1e-10, (name, "out")
         yf.backward(g)
         yr.backward(g)
-        assert _rel(xf.grad, xr.grad) < 1e-10, (name, "dx")
+        assert rel(xf.grad, xr.grad) < 1e-10, (name, "dx")
         for (n, pf), (_, pr) in zip(fused.named_parameters(), base.named_parameters()):
             if pr.grad is not None:
-                assert _rel(pf.grad, pr.grad) < 1e-10, (name, n)
+                assert rel(pf.grad, pr.grad) < 1e-10, (name, n)
         if name.startswith("channels_last") and module != "CRU":
             # SRU keeps the memory format of its input
             if module == "SRU":
@@ -371,7 +351,7 @@ def test_nan_and_inf_propagate_like_the_reference(module, bad, device):
     fin = torch.isfinite(yr)
     assert not fin[0].all()  # no silent clean-up: the poisoned sample is not finite
     assert fin[1].all()  # and the other sample is untouched
-    assert _rel(yf[fin], yr[fin]) < 1e-10
+    assert rel(yf[fin], yr[fin]) < 1e-10
 
 
 @pytest.mark.parametrize("torch_gn", [True, False], ids=["tgn", "gbn"])
@@ -384,7 +364,7 @@ def test_large_mean_tiny_spread_group_norm_stats(torch_gn, device):
     mean64 = xg.mean(-1)
     rstd64 = 1 / (xg.var(-1, unbiased=False) + eps).sqrt() if torch_gn else 1 / (xg.std(-1) + eps)
     assert (mean.double() - mean64).abs().max() <= 0.5 * 1e4 * 2 ** -23 * 1.01  # within half an ulp(1e4)
-    assert _rel(rstd, rstd64) < 1e-6
+    assert rel(rstd, rstd64) < 1e-6
 
 
 def _sru_fp32_large_mean(torch_gn, device):
@@ -408,13 +388,13 @@ def _sru_fp32_large_mean(torch_gn, device):
 def test_large_mean_tiny_spread_at_least_as_good_as_fp32_reference(torch_gn, device):
     yf, y32, y64 = _sru_fp32_large_mean(torch_gn, device)
     assert torch.isfinite(yf).all()
-    assert _rel(yf, y64) <= _rel(y32, y64)
+    assert rel(yf, y64) <= rel(y32, y64)
 
 
 @pytest.mark.parametrize("torch_gn", [True], ids=["tgn"])
 def test_large_mean_tiny_spread_close_to_fp64(torch_gn, device):
     yf, _, y64 = _sru_fp32_large_mean(torch_gn, device)
-    assert _rel(yf, y64) < 1e-3
+    assert rel(yf, y64) < 1e-3
 
 
 def test_fp16_near_the_top_of_the_range_does_not_overflow(device):
@@ -436,10 +416,10 @@ def test_fp16_near_the_top_of_the_range_does_not_overflow(device):
     y16, y32 = f16(xf), m32(xr)
     assert torch.isfinite(y32).all() and torch.isfinite(y16).all()
     # gate-aware comparison (SPEC.md): mismatches only where r sits near tau
-    r = _gate_r(x, m32.gn.weight.detach().view(-1), m32.gn.bias.detach().view(-1), g, 1e-5, True)
+    r = gate_r(x, m32.gn.weight.detach().view(-1), m32.gn.bias.detach().view(-1), g, 1e-5, True)
     near = (r - 0.5).abs() < 2e-3
     near = near | torch.cat([near[:, c // 2:], near[:, : c // 2]], dim=1)
-    assert _rel(y16.float()[~near], y32[~near]) < 2e-3
+    assert rel(y16.float()[~near], y32[~near]) < 2e-3
     ds = torch.randn_like(y32) * 1e-3
     y16.backward(ds.half())
     y32.backward(ds)
@@ -473,7 +453,7 @@ def test_gn_weight_sum_near_zero_behaves_like_the_reference(wsum, dtype, device)
         # whose NaN reaches their partners through the cross-reconstruction, as in the reference
         assert not fin.all() and fin.any()
     # elsewhere w_gamma is huge: r saturates to 0 / 1, far from tau; the outputs agree
-    assert _rel(yf[fin], yr[fin]) < tol
+    assert rel(yf[fin], yr[fin]) < tol
 
 
 # ----------------------------------------------------------------------------------------
@@ -481,10 +461,8 @@ def test_gn_weight_sum_near_zero_behaves_like_the_reference(wsum, dtype, device)
 # ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
-def test_forward_backward_bitwise_deterministic(recompute, cl, device, monkeypatch):
+def test_forward_backward_bitwise_deterministic(recompute, cl, device, deterministic):
     # our kernels use no atomics; cuDNN's convolution backward needs its deterministic flag
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     model = scconv_triton.SCConv(16, stride=1, backend="triton", recompute=recompute).to(device)
     x = torch.randn(2, 16, 9, 7, device=device)
     g = torch.randn(2, 16, 9, 7, device=device)
@@ -506,7 +484,7 @@ def test_forward_backward_bitwise_deterministic(recompute, cl, device, monkeypat
 # ----------------------------------------------------------------------------------------
 # int64 offsets
 # ----------------------------------------------------------------------------------------
-@pytest.mark.skipif(not INTERPRET, reason="inspects pointer arithmetic through the Triton interpreter")
+@needs_interpreter("inspects pointer arithmetic through the interpreter's addptr")
 def test_activation_offsets_are_int64(monkeypatch):
     """Every pointer offset into an activation-sized tensor is computed in int64.
 
@@ -566,8 +544,7 @@ def test_activation_offsets_are_int64(monkeypatch):
 # ----------------------------------------------------------------------------------------
 # GPU only: past 2**31 elements
 # ----------------------------------------------------------------------------------------
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device with ~40 GB free")
+@gpu
 def test_sru_past_2_pow_31_elements_fp16():
     """SRU on an fp16 input of 2**31 + 2**25 elements (4.4 GB) against a per-sample fp32
     reference (the SRU is per sample apart from sum(gn.weight)). Sample 2 starts past 2**31
@@ -602,7 +579,7 @@ def test_sru_past_2_pow_31_elements_fp16():
     torch.cuda.empty_cache()
 
 
-@pytest.mark.skipif(not INTERPRET, reason="records launch grids through the Triton interpreter")
+@needs_interpreter("records launch grids through the interpreter's GridExecutor")
 @pytest.mark.parametrize("cl,side", [(False, 3000), (True, 1500)], ids=["nchw-3000", "cl-1500"])
 def test_launch_grids_fit_cuda_limits_on_large_images(cl, side, monkeypatch):
     """CUDA caps grid axes 1 and 2 at 65535 (axis 0 at 2**31 - 1). 3000 x 3000 (NCHW) and

@@ -4,17 +4,16 @@ Every expectation is exact: a launch or a byte miscounted fails a test.
 Triton kernels run in the interpreter on a CPU (tests/conftest.py sets it);
 the byte-counting hooks only exist there, so those tests skip on a GPU.
 """
-import os
 
 import pytest
 import torch
 import triton
 import triton.language as tl
 
+from _helpers import needs_interpreter
 from benchmarks.meter import Launch, Meter, SavedBytes, measure_step, tensor_bytes
 
-INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
-needs_interp = pytest.mark.skipif(not INTERP, reason="Triton byte counting needs the interpreter (CPU)")
+needs_interp = needs_interpreter("Triton byte counting hooks the interpreter's loads and stores")
 
 
 @triton.jit

@@ -9,6 +9,7 @@ from scconv_triton import models as M
 from scconv_triton import modules as fused_mod
 from scconv_triton import reference as ref
 from scconv_triton.convert import convert
+from _helpers import DEVICE, gate_margin, rel
 
 # Exact counts at num_classes=100 (the study's CIFAR-100 setting).
 RESNET50_PARAMS = 23_712_932
@@ -178,22 +179,13 @@ def _spread_gates(model, seed=1):
 def _gate_margin(model, x):
     """min |r - tau| over every SRU of ``model`` on input ``x`` (reference math)."""
     margins = []
-
-    def hook(mod, inp, out):
-        w = (mod.gn.weight / mod.gn.weight.sum()).view(1, -1, 1, 1)
-        r = torch.sigmoid(mod.gn(inp[0]) * w)
-        margins.append((r - mod.gate_treshold).abs().min().item())
-
-    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, ref.SRU)]
+    hs = [m.register_forward_hook(lambda mod, inp, out: margins.append(gate_margin(mod, inp[0])))
+          for m in model.modules() if isinstance(m, ref.SRU)]
     with torch.no_grad():
         model(x)
     for h in hs:
         h.remove()
     return min(margins)
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def test_fused_resnet50_matches_reference():
@@ -211,22 +203,23 @@ def test_fused_resnet50_matches_reference():
     _spread_gates(r, seed=4)
     f = M.scconv_resnet50(num_classes=10, fused=True, backend="triton").eval()  # no silent fallback
     f.load_state_dict(r.state_dict())
-    x = torch.randn(1, 3, 32, 32)
+    r, f = r.to(DEVICE), f.to(DEVICE)
+    x = torch.randn(1, 3, 32, 32).to(DEVICE)
     margin = _gate_margin(r, x)
     assert margin > 5e-6, f"test input puts a gate value within {margin:.2e} of tau; pick another seed"
 
     xr = x.clone().requires_grad_()
     xf = x.clone().requires_grad_()
     yr, yf = r(xr), f(xf)
-    print(f"logits rel diff {_rel(yf, yr):.2e}, gate margin {margin:.2e}")
-    assert _rel(yf, yr) < 1e-5, _rel(yf, yr)
+    print(f"logits rel diff {rel(yf, yr):.2e}, gate margin {margin:.2e}")
+    assert rel(yf, yr) < 1e-5, rel(yf, yr)
     t = torch.randn_like(yr)
     (yr * t).sum().backward()
     (yf * t).sum().backward()
-    assert _rel(xf.grad, xr.grad) < 1e-4, _rel(xf.grad, xr.grad)
+    assert rel(xf.grad, xr.grad) < 1e-4, rel(xf.grad, xr.grad)
     pr, pf = dict(r.named_parameters()), dict(f.named_parameters())
     assert list(pr) == list(pf)
-    worst = max((_rel(pf[n].grad, pr[n].grad), n) for n in pr if pr[n].grad.norm() > 0)
-    print(f"input grad rel diff {_rel(xf.grad, xr.grad):.2e}, worst parameter grad {worst}")
+    worst = max((rel(pf[n].grad, pr[n].grad), n) for n in pr if pr[n].grad.norm() > 0)
+    print(f"input grad rel diff {rel(xf.grad, xr.grad):.2e}, worst parameter grad {worst}")
     assert worst[0] < 1e-4, worst
     assert all((pf[n].grad is None) == (pr[n].grad is None) for n in pr)

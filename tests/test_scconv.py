@@ -4,8 +4,9 @@ float64: 1e-10 relative (both paths compute in fp64, so the gate decisions agree
 float32: 1e-5 relative norm, on inputs whose gate values r are all farther than
 1e-6 from tau (fp32 rounding moves r by ~1e-7; SPEC.md: the gate is discontinuous; the check is a precondition
 of the comparison, not a filter on its result).
-float16 / bfloat16: the fused result must be as close to the float64 reference as
-the reference computed in that dtype is, within a small factor.
+float16 / bfloat16: against the float64 reference on the same rounded values, within
+~3x the error the implementation was measured to have (tests/_helpers.py LOW_TOL), and
+never much worse than the reference computed in that dtype.
 """
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch
 import scconv_triton
 from benchmarks.meter import SavedBytes
 from scconv_triton import reference as ref
+from _helpers import TOL, draw_away_from_gate, low_tol, rel
 
 CONFIGS = {
     "default": dict(op_channel=16),
@@ -47,10 +49,6 @@ def _pair(cfg, device, dtype=torch.float64):
     return fused.to(device, dtype), base.to(device, dtype), shape
 
 
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 def _run(model, x, g):
     x = x.detach().clone().requires_grad_(True)
     y = model(x)
@@ -59,82 +57,80 @@ def _run(model, x, g):
     return y, x.grad, grads
 
 
-def _gate_margin(base, x):
-    """min |r - tau| over the input, computed in float64 with the reference's pieces."""
-    sru = base.SRU
-    with torch.no_grad():
-        xd = x.double()
-        gn = {k: v.double() for k, v in sru.gn.state_dict().items()}
-        g = torch.func.functional_call(sru.gn.double(), gn, (xd,))
-        w = gn["weight"] / gn["weight"].sum()
-        r = torch.sigmoid(g * w.view(1, -1, 1, 1))
-        sru.gn.to(x.dtype)
-    return (r - sru.gate_treshold).abs().min().item()
-
-
 def _check(fused, base, x, tol):
     g = torch.randn(base(x).shape, dtype=x.dtype, device=x.device)
     yf, dxf, gf = _run(fused, x, g)
     yr, dxr, gr = _run(base, x, g)
     assert yf.shape == yr.shape
     assert yf.dtype == yr.dtype
-    assert _rel(yf, yr) <= tol, ("out", _rel(yf, yr))
-    assert _rel(dxf, dxr) <= tol, ("dx", _rel(dxf, dxr))
+    assert rel(yf, yr) <= tol, ("out", rel(yf, yr))
+    assert rel(dxf, dxr) <= tol, ("dx", rel(dxf, dxr))
     for name in gr:
         if gr[name] is None:  # hard gate: no gradient reaches the GroupNorm parameters
             assert gf[name] is None, name
             continue
         assert gf[name] is not None, name
         assert gf[name].shape == gr[name].shape, name
-        assert _rel(gf[name], gr[name]) <= tol, (name, _rel(gf[name], gr[name]))
+        assert rel(gf[name], gr[name]) <= tol, (name, rel(gf[name], gr[name]))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fp64_matches_reference(name, device):
     fused, base, shape = _pair(CONFIGS[name], device)
     x = torch.randn(shape, dtype=torch.float64, device=device)
-    _check(fused, base, x, 1e-10)
+    _check(fused, base, x, TOL[torch.float64])
 
 
 @pytest.mark.parametrize("name", ["default", "gbn-pairwise", "stride2-odd", "densenet-like", "alpha-k5-g4"])
 def test_fp32_matches_reference_where_gates_agree(name, device):
     fused, base, shape = _pair(CONFIGS[name], device, torch.float32)
-    for _ in range(20):
-        x = torch.randn(shape, device=device)
-        if _gate_margin(base, x) > 1e-6:
-            break
-    else:
-        pytest.fail("could not draw an input whose gate values stay 1e-6 away from tau")
-    _check(fused, base, x, 1e-5)
+    x = draw_away_from_gate(base.SRU, lambda: torch.randn(shape, device=device), margin=1e-6, tries=20)
+    _check(fused, base, x, TOL[torch.float32])
 
 
 @pytest.mark.parametrize("name", ["default", "stride2-odd"])
 def test_channels_last_matches_and_stays_channels_last(name, device):
     fused, base, shape = _pair(CONFIGS[name], device)
     x = torch.randn(shape, dtype=torch.float64, device=device).to(memory_format=torch.channels_last)
-    _check(fused, base, x, 1e-10)
+    _check(fused, base, x, TOL[torch.float64])
     assert fused(x).is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precisions_as_good_as_the_reference_in_that_dtype(dtype, device):
+def half_precision_errors(dtype, device):
+    """16-bit fused SCConv against the fp64 reference on the same (rounded) parameters and
+    input, and the reference itself run in that dtype: ({name: fused error}, {name: reference
+    error}) over the output, dx and every parameter gradient."""
     fused, base, shape = _pair(CONFIGS["default"], device)
-    x64 = torch.randn(shape, dtype=torch.float64, device=device)
-    g64 = torch.randn(shape[0], 16, shape[2], shape[3], dtype=torch.float64, device=device)
-    truth_y, truth_dx, truth_g = _run(base, x64, g64)
-    # the reference itself, run in the low precision
+    with torch.no_grad():  # gamma in (0.5, 1.5): a channel with gamma ~ 0 holds all its r at tau
+        base.SRU.gn.weight.uniform_(0.5, 1.5)
     base_lp = ref.SCConv(16).to(device, dtype)
     base_lp.load_state_dict(base.state_dict())
-    ry, rdx, rg = _run(base_lp, x64.to(dtype), g64.to(dtype))
-    fused_lp = fused.to(dtype)
-    fy, fdx, fg = _run(fused_lp, x64.to(dtype), g64.to(dtype))
+    base.load_state_dict(base_lp.state_dict())  # fp64 truth on the rounded parameters
+    fused.load_state_dict(base_lp.state_dict())
+    # no gate value within 1e-5 of tau: the fused path computes r in fp32 (error ~1e-6) from
+    # the rounded x, so it takes the fp64 truth's decisions (SPEC.md: the gate is discontinuous)
+    x = draw_away_from_gate(base.SRU, lambda: torch.randn(shape, device=device).to(dtype), margin=1e-5)
+    g = torch.randn(shape[0], 16, shape[2], shape[3], dtype=torch.float64, device=device).to(dtype)
+    truth_y, truth_dx, truth_g = _run(base, x.double(), g.double())
+    ry, rdx, rg = _run(base_lp, x, g)
+    fy, fdx, fg = _run(fused.to(dtype), x, g)
     assert fy.dtype == dtype and fdx.dtype == dtype
-    floor = {torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
-    assert _rel(fy, truth_y) <= max(2 * _rel(ry, truth_y), floor)
-    assert _rel(fdx, truth_dx) <= max(2 * _rel(rdx, truth_dx), floor)
-    for name in truth_g:
-        assert fg[name].dtype == dtype
-        assert _rel(fg[name], truth_g[name]) <= max(2 * _rel(rg[name], truth_g[name]), 2 * floor), name
+    assert all(fg[n].dtype == dtype for n in truth_g)
+    ours = {"out": rel(fy, truth_y), "dx": rel(fdx, truth_dx), **{n: rel(fg[n], truth_g[n]) for n in truth_g}}
+    theirs = {"out": rel(ry, truth_y), "dx": rel(rdx, truth_dx), **{n: rel(rg[n], truth_g[n]) for n in truth_g}}
+    return ours, theirs
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precisions_as_good_as_the_reference_in_that_dtype(dtype, device):
+    # each quantity within ~3x its measured error (tests/_helpers.py LOW_TOL) ...
+    ours, theirs = half_precision_errors(dtype, device)
+    tol = {k: low_tol("scconv", dtype, k) for k in ours}
+    bad = {k: (f"{e:.2e}", tol[k]) for k, e in ours.items() if not e <= tol[k]}
+    assert not bad, f"(error, tolerance) above tolerance: {bad}"
+    # ... and never much worse than the reference computed in the same dtype
+    worse = {k: (f"{e:.2e}", f"{theirs[k]:.2e}") for k, e in ours.items() if not e <= max(2 * theirs[k], tol[k] / 3)}
+    assert not worse, worse
 
 
 def test_reference_checkpoint_loads_unchanged(device):
@@ -142,8 +138,8 @@ def test_reference_checkpoint_loads_unchanged(device):
     fused = scconv_triton.ScConv(32).double()
     missing = fused.load_state_dict(base.state_dict())
     assert not missing.missing_keys and not missing.unexpected_keys
-    x = torch.randn(2, 32, 5, 6, dtype=torch.float64)
-    assert _rel(fused.to(device)(x.to(device)), base.to(device)(x.to(device))) < 1e-10
+    x = torch.randn(2, 32, 5, 6, dtype=torch.float64, device=device)
+    assert rel(fused.to(device)(x), base.to(device)(x)) < 1e-10
 
 
 def test_batch_zero_gives_empty_output(device):
@@ -159,7 +155,7 @@ def test_backward_of_a_sum_with_expanded_grad(device):
     xf, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     fused(xf).sum().backward()
     base(xr).sum().backward()
-    assert _rel(xf.grad, xr.grad) < 1e-10
+    assert rel(xf.grad, xr.grad) < 1e-10
 
 
 def test_non_contiguous_and_expanded_inputs(device):
@@ -168,10 +164,11 @@ def test_non_contiguous_and_expanded_inputs(device):
     sliced = big[:, :, ::2, 1::2]  # strided view
     expanded = torch.randn(1, 16, 5, 5, dtype=torch.float64, device=device).expand(3, -1, -1, -1)
     for x in (sliced, expanded):
-        assert _rel(fused(x), base(x)) < 1e-10
+        assert rel(fused(x), base(x)) < 1e-10
 
 
-def test_recompute_gives_identical_results_and_saves_less(device):
+def test_recompute_gives_identical_results_and_saves_less(device, deterministic):
+    # bitwise (deterministic: cuDNN's backward algorithms may otherwise differ run to run on a GPU)
     kw = dict(op_channel=16)
     a = scconv_triton.SCConv(**kw, backend="triton").double().to(device)
     b = scconv_triton.SCConv(**kw, backend="triton", recompute=True).double().to(device)

@@ -1,8 +1,9 @@
 """Fused SRU (kernels/sru.py, scconv_triton/ops/sru.py) against scconv_triton.reference.SRU.
 
 Forward, dx, d gn.weight and d gn.bias on fresh random inputs: float64 to 1e-10, fp32 to
-1e-5 relative norm where both paths take the same gate decisions, fp16 / bf16 with looser
-per-dtype tolerances plus gate-aware mismatch confinement (SPEC.md, "the gate is discontinuous").
+1e-5 relative norm where both paths take the same gate decisions, fp16 / bf16 at ~3x the
+measured error (tests/_helpers.py LOW_TOL) plus gate-aware mismatch confinement (SPEC.md,
+"the gate is discontinuous"). Every tensor lives on tests/_helpers.DEVICE.
 """
 import pytest
 import torch
@@ -11,6 +12,7 @@ import scconv_triton
 from scconv_triton import reference as ref
 from scconv_triton.kernels import sru as K
 from scconv_triton.ops import sru as ops
+from _helpers import DEVICE, TOL, draw_away_from_gate, low_tol, rel, sru_gate_r
 
 # tl.sigmoid's exp overflows harmlessly (to 1 / inf = 0) in the numpy-backed interpreter
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -38,40 +40,23 @@ def make_ref(C, G, tau, gate, torch_gn, dtype=torch.float64):
         w = w - w.mean() + 2.0 / C
         m.gn.weight.copy_(w.view_as(m.gn.weight))
         m.gn.bias.copy_((0.3 * torch.randn(C, dtype=torch.float64)).view_as(m.gn.bias))
-    return m.to(dtype)
+    return m.to(DEVICE, dtype)
 
 
 def fused_twin(m):
     f = scconv_triton.SRU(m.channels, m.group_num, m.gate_treshold, torch_gn=m.torch_gn, gate=m.gate,
                           backend="triton")
-    f = f.to(m.gn.weight.dtype)
+    f = f.to(m.gn.weight.device, m.gn.weight.dtype)
     f.load_state_dict(m.state_dict())
     return f
 
 
-def reweights64(m, x):
-    """r = sigmoid(gn(x) * w_gamma) in float64 from x's exact values."""
-    m64 = fused_twin(m).double()
-    m64.backend = "reference"
-    with torch.no_grad():
-        g = m64.gn(x.double())
-        w = (m64.gn.weight / m64.gn.weight.sum()).view(1, -1, 1, 1)
-        return torch.sigmoid(g * w)
-
-
-def draw_x(m, shape, dtype, channels_last, margin, mean=0.0, tries=50):
+def draw_x(m, shape, dtype, channels_last, margin, mean=0.0):
     """Fresh random x (in dtype) with no r within ``margin`` of tau, so both paths gate alike."""
-    for _ in range(tries):
-        x = (mean + torch.randn(shape, dtype=torch.float64)).to(dtype)
-        if channels_last:
-            x = x.to(memory_format=torch.channels_last)
-        if (reweights64(m, x) - m.gate_treshold).abs().min() > margin:
-            return x
-    raise AssertionError("could not draw an input away from the gate threshold")
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+    def make():
+        x = (mean + torch.randn(shape, dtype=torch.float64)).to(DEVICE, dtype)
+        return x.to(memory_format=torch.channels_last) if channels_last else x
+    return draw_away_from_gate(m, make, margin)
 
 
 def run(module, x, ds):
@@ -129,11 +114,11 @@ def test_matches_reference(cfg, dtype):
     m = make_ref(C, G, tau, gate, tgn, dtype)
     f = fused_twin(m)
     x = draw_x(m, (N, C, H, W), dtype, cl, margin=1e-9 if dtype == torch.float64 else 1e-5)
-    ds = torch.randn(N, C, H, W, dtype=dtype)
+    ds = torch.randn(N, C, H, W, dtype=dtype, device=DEVICE)
     if cl:
         ds = ds.to(memory_format=torch.channels_last)
     got, want = run(f, x, ds), run(m, x, ds)
-    check_all(got, want, 1e-10 if dtype == torch.float64 else 1e-5, gate == "hard")
+    check_all(got, want, TOL[dtype], gate == "hard")
     # memory format kept: the output and dx have x's strides
     assert got[0].stride() == x.stride() and got[1].stride() == x.stride()
 
@@ -160,7 +145,7 @@ def test_large_mean(torch_gn):
     # Outputs and gradients against float64 on the same fp32 values. With |x| ~ 1e3 even the
     # fp32 reference is ~1e-5 off (x - mean rounds at ulp(1e3) ~ 6e-5), so the bound is: no
     # worse than twice the fp32 reference's own error, and 5e-5 at most.
-    ds = torch.randn(N, C, H, W)
+    ds = torch.randn(N, C, H, W, device=DEVICE)
     got = run(fused_twin(m32), x, ds)
     ref32 = run(m32, x, ds)
     want = run(m64, x.double(), ds.double())
@@ -169,39 +154,50 @@ def test_large_mean(torch_gn):
         assert e < 5e-5 and e <= max(2 * rel(r32, b), 1e-6), f"{name}: {e:.2e} vs reference fp32 {rel(r32, b):.2e}"
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
-def test_half_precisions(dtype, tol, cl):
-    """16-bit x and parameters: loaded, computed in fp32, stored back; vs fp64 on the same values."""
+def half_precision_errors(dtype, cl):
+    """16-bit x and parameters (loaded, computed in fp32, stored back) against fp64 on the same
+    values: {name: relative error}. Also checks what holds at any precision: dtypes, strides,
+    and that forward mismatches on a plain random x sit only where r is within a hair of tau."""
     N, C, G, H, W = 2, 12, 3, 7, 5
     m = make_ref(C, G, 0.5, "soft", not cl, dtype)
     m64 = make_ref(C, G, 0.5, "soft", not cl)
     m64.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
     f = fused_twin(m)
+    errs = {}
     # forward on a plain random x: elementwise mismatches only where r is within a hair of tau
-    x = torch.randn(N, C, H, W).to(dtype)
+    x = torch.randn(N, C, H, W, device=DEVICE).to(dtype)
     if cl:
         x = x.to(memory_format=torch.channels_last)
     with torch.no_grad():
         y = f(x)
         y64 = m64(x.double())
     assert y.dtype == dtype and y.stride() == x.stride()
-    r = reweights64(m, x)
-    near = (r - m.gate_treshold).abs() < 1e-5
+    near = (sru_gate_r(m, x) - m.gate_treshold).abs() < 1e-5
     h = C // 2
     near_pair = near | torch.cat([near[:, h:], near[:, :h]], dim=1)
-    bad = (y.double() - y64).abs() > 2 * tol * (1 + y64.abs())
-    assert not (bad & ~near_pair).any(), "mismatch away from the gate threshold"
     keep = ~near_pair
-    assert rel(y.double()[keep], y64[keep]) < tol
+    # elementwise |y - y64| / (1 + |y64|) away from the threshold: no single position may be
+    # wrong, which a norm would average out (measured as its own entry, same tolerance table)
+    errs["out-max-elementwise"] = ((y.double() - y64).abs() / (1 + y64.abs()))[keep].max().item()
+    errs["out-any-x"] = rel(y.double()[keep], y64[keep])
     # gradients on an input with no r near tau (the gate takes the same branches)
     x = draw_x(m, (N, C, H, W), dtype, cl, margin=1e-5)
-    ds = torch.randn(N, C, H, W).to(dtype)
+    ds = torch.randn(N, C, H, W, device=DEVICE).to(dtype)
     got = run(f, x, ds)
     want = run(m64, x.double(), ds.double())
     for name, a, b in zip(("out", "dx", "dweight", "dbias"), got, want):
         assert a.dtype == dtype, name
-        assert rel(a, b) < tol, f"{name}: {rel(a, b):.3e}"
+        errs[name] = rel(a, b)
+    return errs
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_half_precisions(dtype, cl):
+    # each quantity within ~3x its measured error (tests/_helpers.py LOW_TOL)
+    errs = half_precision_errors(dtype, cl)
+    bad = {k: (f"{e:.2e}", low_tol("sru", dtype, k)) for k, e in errs.items() if not e <= low_tol("sru", dtype, k)}
+    assert not bad, f"(error, tolerance) above tolerance: {bad}"
 
 
 @pytest.mark.parametrize("torch_gn", [True, False], ids=["tgn", "gbn"])
@@ -210,7 +206,7 @@ def test_many_tiles_and_splits(torch_gn):
     N, C, G, H, W, tau = 2, 18, 3, 7, 9, 0.5
     m = make_ref(C, G, tau, "soft", torch_gn)
     x = draw_x(m, (N, C, H, W), torch.float64, False, margin=1e-9)
-    ds = torch.randn(N, C, H, W, dtype=torch.float64)
+    ds = torch.randn(N, C, H, W, dtype=torch.float64, device=DEVICE)
     w, b = m.gn.weight.detach().view(-1), m.gn.bias.detach().view(-1)
     eps = m.gn.eps
     mean, rstd = K.sru_stats(x, G, eps, torch_gn, split=4, tile=16)
@@ -224,8 +220,8 @@ def test_many_tiles_and_splits(torch_gn):
 def test_deterministic():
     N, C, G, H, W = 2, 16, 4, 9, 7
     m = make_ref(C, G, 0.5, "soft", True, torch.float32)
-    x = torch.randn(N, C, H, W)
-    ds = torch.randn(N, C, H, W)
+    x = torch.randn(N, C, H, W, device=DEVICE)
+    ds = torch.randn(N, C, H, W, device=DEVICE)
     w, b = m.gn.weight.detach(), m.gn.bias.detach()
     outs = []
     for _ in range(2):
@@ -244,7 +240,7 @@ def test_launches_and_no_copy(monkeypatch):
     for gate, n_bwd in (("soft", 4), ("hard", 1)):
         m = make_ref(C, G, 0.5, gate, True, torch.float32)
         f = fused_twin(m)
-        x = torch.randn(N, C, H, W).to(memory_format=torch.channels_last).requires_grad_()
+        x = torch.randn(N, C, H, W, device=DEVICE).to(memory_format=torch.channels_last).requires_grad_()
         log.calls.clear()
         y = f(x)
         assert log.names() == ["_sru_stats_partial_kernel", "_sru_stats_merge_kernel", "_sru_apply_kernel"]
@@ -266,7 +262,7 @@ def test_saved_tensors_are_x_stats_and_params():
     N, C, G, H, W = 2, 8, 2, 5, 5
     m = make_ref(C, G, 0.5, "soft", False, torch.float32)
     f = fused_twin(m)
-    x = torch.randn(N, C, H, W, requires_grad=True)
+    x = torch.randn(N, C, H, W, device=DEVICE, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         f(x)
@@ -296,9 +292,9 @@ def test_expanded_grad_and_partial_needs():
 
 def test_custom_ops_opcheck_and_compile():
     N, C, G, H, W = 1, 8, 2, 3, 5
-    x = torch.randn(N, C, H, W)
-    w = torch.randn(C) + 0.5
-    b = torch.randn(C)
+    x = torch.randn(N, C, H, W, device=DEVICE)
+    w = torch.randn(C, device=DEVICE) + 0.5
+    b = torch.randn(C, device=DEVICE)
     torch.library.opcheck(torch.ops.scconv_triton.sru_fwd.default, (x, w, b, G, 1e-5, True, 0.5, False),
                           test_utils=("test_schema", "test_faketensor"))
     s, mean, rstd = ops.sru_forward_op(x, w, b, G, 1e-5, True, 0.5, False)
@@ -324,7 +320,7 @@ def test_module_groupbatchnorm_weight_shape():
     m = make_ref(8, 2, 0.5, "soft", False)
     f = fused_twin(m)
     x = draw_x(m, (2, 8, 4, 4), torch.float64, False, margin=1e-9)
-    got = run(f, x, torch.ones(2, 8, 4, 4, dtype=torch.float64))
+    got = run(f, x, torch.ones(2, 8, 4, 4, dtype=torch.float64, device=DEVICE))
     assert got[2].shape == (8, 1, 1) and got[3].shape == (8, 1, 1)
 
 
@@ -336,6 +332,6 @@ def test_mixed_layouts(gate):
     f = fused_twin(m)
     for x_cl in (True, False):
         x = draw_x(m, (N, C, H, W), torch.float64, x_cl, margin=1e-9)
-        ds = torch.randn(N, C, H, W, dtype=torch.float64)
+        ds = torch.randn(N, C, H, W, dtype=torch.float64, device=DEVICE)
         ds = ds if x_cl else ds.to(memory_format=torch.channels_last)
         check_all(run(f, x, ds), run(m, x, ds), 1e-10, gate == "hard")
