@@ -29,7 +29,7 @@ from scconv_triton.testing import (  # noqa: E402
 )
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
-# (in channels, out channels, H=W, stride, dtype, channels_last, SCConv keywords)
+# (in channels, out channels, H=W, stride, dtype, channels_last (or "strided"), SCConv keywords)
 DEFAULT = {}
 VARIANT = {"gate": "hard", "softmax": "pairwise", "torch_gn": False}
 CONFIGS = (
@@ -39,6 +39,8 @@ CONFIGS = (
     + [(256, 256, 28, 2, "bf16", True, VARIANT)]
     + [(512, 512, 7, 1, dt, cl, DEFAULT) for dt in ("fp32", "bf16") for cl in (False, True)]  # 7x7 tiles
     + [(128, 32, 28, 1, dt, cl, DEFAULT) for dt in ("fp32", "bf16") for cl in (False, True)]  # no PWC2
+    # an input that is neither NCHW- nor channels_last-contiguous: (p // W, p % W) addressing
+    + [(64, 64, 56, 1, dt, "strided", DEFAULT) for dt in ("fp32", "bf16")]
     # the other upstream revisions: their SRU switches (MASK, ON, SOFTMAX) in every kernel
     + [(64, 64, 56, 1, dt, cl, {"revision": rev}) for rev in ("2023-09", "2023-07-27", "2023-07-22")
        for dt, cl in (("fp32", False), ("fp64", False), ("bf16", True), ("fp16", True))]
@@ -49,7 +51,9 @@ def _step(cin, cout, h, stride, dtype, cl, kw, device):
     m = scconv_triton.SCConv(cin, out_channels=cout, stride=stride, backend="triton", **kw)
     m = m.to(device=device, dtype=DTYPES[dtype])
     x = torch.randn(2, cin, h, h, device=device, dtype=DTYPES[dtype])
-    if cl:
+    if cl == "strided":
+        x = torch.randn(2, cin, h, h + 8, device=device, dtype=DTYPES[dtype])[..., :h].detach()
+    elif cl:
         m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     y = m(x)
@@ -71,11 +75,11 @@ FULL = os.environ.get("SCCONV_AOT_FULL", "0") == "1"
 
 
 @pytest.fixture(scope="module")
-def aot_results(device):
+def aot_results():
     """(every captured spec, compile results). The suite compiles a cover of the specs (every
     kernel x pointer dtypes x flag values, largest tiles first: ~50 specs); SCCONV_AOT_FULL=1
     compiles every distinct launch (~270 specs, tens of minutes on 2 cores)."""
-    specs = captured_specs(device)
+    specs = captured_specs("cuda" if torch.cuda.is_available() else "cpu")
     if not specs:
         pytest.fail("no Triton launch was captured: nothing would be compiled")
     return specs, aot_compile(specs if FULL else covering_specs(specs), archs=(80, 90))
