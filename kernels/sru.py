@@ -813,9 +813,10 @@ def sru_backward(ds: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: to
         _sru_bwd_partial_kernel[(N * n_cb * split,)](
             x, ds, p, q, mean, rstd, weight, bias,
             C, half, W, HW, G, CG, *sx, *sd, th, tlo, n_cb, split, per,
-            # fp64: twice the warps (half the tile per thread): four fp64 accumulators plus the
-            # recomputed gate spill at 4 warps
-            **sw, FLAT=flat, FP64=fp64, BC=bc, BP=bp, BLOCK_W=bw, num_warps=2 * warps if fp64 else warps,
+            # twice the warps of the streaming kernels (half the tile per thread): four
+            # accumulators plus the recomputed gate took fp64 to spills and the 2023-07-22 form
+            # (softmax weighting, r * x) to 252 registers at the streaming kernels' warps
+            **sw, FLAT=flat, FP64=fp64, BC=bc, BP=bp, BLOCK_W=bw, num_warps=2 * warps,
         )
         a = torch.empty((N, G), device=x.device, dtype=adt)
         wsum = torch.empty((2,), device=x.device, dtype=adt)
