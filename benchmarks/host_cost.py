@@ -2,9 +2,9 @@
 
     python benchmarks/host_cost.py [--channels 16 --size 4 --batch 1 --steps 200]
 
-On a CPU every Triton launch is stubbed at ``InterpretedFunction.run`` (the call returns
-at once; the interpreter's own argument staging, which a GPU does not pay, is skipped
-too), so the fused step's time is its host work: argument checks, autograd, launchers
+On a CPU every Triton launch is stubbed at ``InterpretedFunction.run``
+(``skip_triton_launches(level="launch")``: the call returns at once; the interpreter's
+own argument staging, which a GPU does not pay, is skipped too), so the fused step's time is its host work: argument checks, autograd, launchers
 (tiles, strides, allocations) and the few aten ops it runs (the convolutions, at a tiny
 shape). A GPU adds Triton's own launch path per kernel (a few us in Triton 3.x). The
 reference eager step at the same tiny shape is the yardstick: its ops are launch-bound
@@ -33,24 +33,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit module is imported
 
 
-@contextlib.contextmanager
-def stub_launches():
-    """Interpreted Triton launches return at once (outputs hold uninitialised memory)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    orig = InterpretedFunction.run
-    InterpretedFunction.run = lambda self, *args, **kwargs: None
-    try:
-        yield
-    finally:
-        InterpretedFunction.run = orig
-
-
 def _step_time(mod, x, g, steps, device, stub):
     """Median seconds of one forward + backward over ``steps`` runs (after 5 warm-ups)."""
-    ctx = stub_launches if stub else contextlib.nullcontext
+    from scconv_triton.testing import skip_triton_launches
+
+    ctx = skip_triton_launches(level="launch") if stub else contextlib.nullcontext()
     times = []
-    with ctx():
+    with ctx:
         for i in range(steps + 5):
             x.grad = None
             for p in mod.parameters():

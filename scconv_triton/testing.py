@@ -234,7 +234,7 @@ def capture_launches(keep_args: bool = True):
 
 
 @contextlib.contextmanager
-def skip_triton_launches():
+def skip_triton_launches(level: str = "body"):
     """Inside the block, interpreted Triton launches return at once without running.
 
     For shape-only work: what a launcher passes to a kernel, and what autograd saves,
@@ -242,16 +242,23 @@ def skip_triton_launches():
     launches can be captured (and saved bytes measured) at real layer sizes without
     interpreting every program. Outputs hold uninitialised memory: never use this for
     numbers or traffic.
+
+    ``level="body"`` skips the programs (``GridExecutor.__call__``): the launch is still made
+    and can be captured. ``level="launch"`` skips the whole interpreted launch
+    (``InterpretedFunction.run``), the interpreter's own argument staging included, which a
+    GPU does not pay (for host-cost measurements; nothing is captured).
     """
     from triton.runtime import interpreter as interp
 
-    cls = interp.GridExecutor
-    orig = cls.__call__
-    cls.__call__ = lambda self, *a, **k: None
+    if level not in ("body", "launch"):
+        raise ValueError(f"level must be 'body' or 'launch', got {level!r}")
+    cls, attr = (interp.GridExecutor, "__call__") if level == "body" else (interp.InterpretedFunction, "run")
+    orig = getattr(cls, attr)
+    setattr(cls, attr, lambda self, *a, **k: None)
     try:
         yield
     finally:
-        cls.__call__ = orig
+        setattr(cls, attr, orig)
 
 
 _TORCH_TO_TRITON = {
