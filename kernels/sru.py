@@ -212,6 +212,24 @@ def _reweight(x, mu, rs, gam, bet, wg):
     return xhat, r
 
 
+@triton.jit
+def _pair_s(x_ptr, xo, sx_c, n, c, cp, mc, m, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, tau,
+            MASK: tl.constexpr, ON: tl.constexpr, SOFTMAX: tl.constexpr, FP64: tl.constexpr):
+    """s of the channel pairs (c, cp = c + HALF) of a [BC, BP] tile, in the accumulation dtype:
+    loads x at pixel offsets xo + channel * sx_c (mask m), gates both halves and
+    cross-reconstructs (s_c = x1_c + x2_cp, s_cp = x1_cp + x2_c). Shared by the SRU forward and
+    the stage-2 squeeze's prologue (kernels/stage2.py)."""
+    xa = acc(tl.load(x_ptr + xo + c.to(tl.int64)[:, None] * sx_c, mask=m, other=0.0), FP64)
+    xb = acc(tl.load(x_ptr + xo + cp.to(tl.int64)[:, None] * sx_c, mask=m, other=0.0), FP64)
+    mu, rs, gam, bet, wg = _channel_params(n, c, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, SOFTMAX, FP64)
+    xha, ra = _reweight(xa, mu, rs, gam, bet, wg)
+    a1, a2 = _gate(xa, xha, ra, gam, bet, wg, tau, MASK, ON)
+    mu, rs, gam, bet, wg = _channel_params(n, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, SOFTMAX, FP64)
+    xhb, rb = _reweight(xb, mu, rs, gam, bet, wg)
+    b1, b2 = _gate(xb, xhb, rb, gam, bet, wg, tau, MASK, ON)
+    return a1 + b2, b1 + a2
+
+
 # ----------------------------------------------------------------------------------------
 # forward kernels
 # ----------------------------------------------------------------------------------------
@@ -350,16 +368,8 @@ def _sru_apply_kernel(
     tau = acc(tau_hi, FP64) + acc(tau_lo, FP64)
 
     xo = pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
-    xa = acc(tl.load(x_ptr + xo + c.to(tl.int64)[:, None] * sx_c, mask=m, other=0.0), FP64)
-    xb = acc(tl.load(x_ptr + xo + cp.to(tl.int64)[:, None] * sx_c, mask=m, other=0.0), FP64)
-    mu, rs, gam, bet, wg = _channel_params(n, c, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, SOFTMAX, FP64)
-    xha, ra = _reweight(xa, mu, rs, gam, bet, wg)
-    a1, a2 = _gate(xa, xha, ra, gam, bet, wg, tau, MASK, ON)
-    mu, rs, gam, bet, wg = _channel_params(n, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, SOFTMAX, FP64)
-    xhb, rb = _reweight(xb, mu, rs, gam, bet, wg)
-    b1, b2 = _gate(xb, xhb, rb, gam, bet, wg, tau, MASK, ON)
-    oa = a1 + b2
-    ob = b1 + a2
+    oa, ob = _pair_s(x_ptr, xo, sx_c, n, c, cp, mc, m, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, tau,
+                     MASK, ON, SOFTMAX, FP64)
     oo = pix_off(p64, W, so_h, so_w, FLAT)[None, :] + n64 * so_n
     odt = out_ptr.dtype.element_ty
     tl.store(out_ptr + oo + c.to(tl.int64)[:, None] * so_c, oa.to(odt), mask=m)
