@@ -187,10 +187,10 @@ def _check_options(fused: bool, bias: str, kwargs: dict) -> None:
             raise TypeError(f"convert() takes {name!r} from each conv; do not pass it")
     allowed = set(inspect.signature(_ref.SCConv.__init__).parameters) - {"self", *_FROM_CONV}
     if fused:
-        allowed |= {"backend", "recompute"}
+        allowed |= {"backend", "recompute", "stage"}
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
-        extra = " (backend/recompute need fused=True)" if not fused and {"backend", "recompute"} & set(unknown) else ""
+        extra = " (backend/recompute/stage need fused=True)" if not fused and {"backend", "recompute", "stage"} & set(unknown) else ""
         raise TypeError(f"unknown SCConv keyword argument(s) {unknown}{extra}; allowed: {sorted(allowed)}")
     if "revision" in kwargs and kwargs["revision"] not in REVISIONS:
         raise ValueError(f"revision must be one of {tuple(REVISIONS)}, got {kwargs['revision']!r}")
@@ -245,7 +245,7 @@ def incompatibility(conv: nn.Module, *, bias: str = "keep", **scconv_kwargs) -> 
     if conv.bias is not None and bias == "skip":
         return "conv has a bias and bias='skip'"
     cfg = _scconv_defaults()
-    cfg.update({k_: v for k_, v in scconv_kwargs.items() if k_ not in ("backend", "recompute")})
+    cfg.update({k_: v for k_, v in scconv_kwargs.items() if k_ not in ("backend", "recompute", "stage")})
     revision = cfg.pop("revision", DEFAULT_REVISION)
     gate, torch_gn = cfg.pop("gate", None), cfg.pop("torch_gn", None)
     cfg.pop("softmax", None)

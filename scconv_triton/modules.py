@@ -129,19 +129,31 @@ class SCConv(_Fused, ref.SCConv):
     """Fused SCConv = CRU(SRU(x)), a drop-in for a k x k convolution.
 
     Extra keywords beyond the reference: ``backend`` ("auto", "triton",
-    "reference") and ``recompute`` (False: backward reuses the saved convolution
-    outputs; True: it recomputes them from the saved squeezed tensors, saving
-    about 1.75 S of activation memory for two extra convolutions).
+    "reference"), ``stage`` and ``recompute``.
+
+    ``stage=2`` (the default): the convolutions run in Triton too, with the SRU as the
+    squeeze's prologue and the CRU fusion as the conv's epilogue, so s, Y1 and Y2 are never
+    stored (kernels/stage2.py). Its backward is stage 1's, rebuilding Y1 and PWC2's output from
+    the saved squeezed tensors. It falls back to stage 1 where it does not run: more than 256
+    squeezed channels (up or low), an empty batch, fp64 on a GPU, or a layer whose conv tile
+    does not fit (``scconv_triton.kernels.stage2.supports``).
+    ``stage=1``: the SRU and CRU kernels around cuDNN convolutions. ``recompute`` (stage 1 only;
+    False: backward reuses the saved convolution outputs; True: it recomputes them from the
+    saved squeezed tensors, saving about 1.75 S of activation memory for two extra convolutions).
     """
 
-    def __init__(self, *args, backend: str = "auto", recompute: bool = False, **kwargs):
+    def __init__(self, *args, backend: str = "auto", recompute: bool = False, stage: int = 2, **kwargs):
         super().__init__(*args, **kwargs)
         self.backend = _check_backend(backend)
         self.recompute = bool(recompute)
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+        self.stage = stage
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._takes_reference(x, self.in_channels):
             return super().forward(x)
+        from .ops import stage2 as _stage2
         from .ops.scconv import scconv
 
         sru, cru = self.SRU, self.CRU
@@ -150,6 +162,11 @@ class SCConv(_Fused, ref.SCConv):
             cru.GWC.bias, cru.PWC1.weight, cru.PWC2.weight,
         )
         with _no_autocast(x):
+            if self.stage == 2 and _stage2.supports(cru.shape, x.shape, x.dtype, x.device):
+                return _stage2.scconv_stage2(
+                    x, *weights, group_num=sru.group_num, eps=sru.gn.eps, torch_gn=sru.torch_gn,
+                    gate_treshold=sru.gate_treshold, mode=sru.math.code, shape=cru.shape, softmax=cru.softmax,
+                )
             return scconv(
                 x, *weights, group_num=sru.group_num, eps=sru.gn.eps, torch_gn=sru.torch_gn,
                 gate_treshold=sru.gate_treshold, mode=sru.math.code, shape=cru.shape, softmax=cru.softmax,

@@ -41,15 +41,20 @@ def test_compiled_graph_calls_the_fused_custom_ops(device):
         graphs.append(gm)
         return gm.forward
 
-    compiled = torch.compile(fused, fullgraph=True, backend=backend)
-    compiled(torch.randn(1, 16, 4, 4, dtype=torch.float64, device=device))
-    (gm,) = graphs  # one graph: no break
-    assert "autograd_function_apply" in gm.code
-    # the Function is traced through; the kernels stay opaque custom ops in its bodies
-    fwd = gm.fwd_body_0.code
-    bwd = gm.bwd_body_0.code
-    assert "torch.ops.scconv_triton.sru_fwd" in fwd and "torch.ops.scconv_triton.cru_combine" in fwd
-    assert "torch.ops.scconv_triton.sru_bwd" in bwd and "torch.ops.scconv_triton.cru_combine_bwd" in bwd
+    x = torch.randn(1, 16, 4, 4, dtype=torch.float64, device=device)
+    for stage, fwd_ops in ((2, ["stage2_fwd"]), (1, ["sru_fwd", "cru_combine"])):
+        torch._dynamo.reset()
+        graphs.clear()
+        fused.stage = stage
+        torch.compile(fused, fullgraph=True, backend=backend)(x)
+        (gm,) = graphs  # one graph: no break
+        assert "autograd_function_apply" in gm.code
+        # the Function is traced through; the kernels stay opaque custom ops in its bodies
+        fwd = gm.fwd_body_0.code
+        bwd = gm.bwd_body_0.code
+        assert all(f"torch.ops.scconv_triton.{op}" in fwd for op in fwd_ops), (stage, fwd)
+        # both stages' backward: the stage-1 SRU and CRU backward kernels
+        assert "torch.ops.scconv_triton.sru_bwd" in bwd and "torch.ops.scconv_triton.cru_combine_bwd" in bwd
 
 
 def test_compile_reference_backend_runs(device):

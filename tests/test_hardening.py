@@ -523,18 +523,21 @@ def test_activation_offsets_are_int64(monkeypatch):
     monkeypatch.setattr(I.InterpreterBuilder, "create_addptr", addptr)
     n, c, h, w = 2, 8, 16, 16
     weights = 0
-    for cl in (False, True):
-        for kw in (dict(), dict(stride=2, softmax="pairwise", torch_gn=False), dict(out_channels=4, gate="hard")):
-            m = scconv_triton.SCConv(c, group_num=2, backend="triton", **kw)
-            weights = max(weights, max(p.numel() for p in m.parameters()), 8 * 4 * 9)  # + merged weight
-            x = torch.randn(n, c, h, w)
-            if cl:
-                x = x.to(memory_format=torch.channels_last)
-            m(x.requires_grad_(True)).sum().backward()
+    every = (dict(), dict(stride=2, softmax="pairwise", torch_gn=False), dict(out_channels=4, gate="hard"))
+    runs = [(cl, 1, kw) for cl in (False, True) for kw in every]  # stage 1
+    runs += [(False, 2, every[0]), (True, 2, every[1]), (False, 2, every[2])]  # stage 2 (default)
+    for cl, stage, kw in runs:
+        m = scconv_triton.SCConv(c, group_num=2, backend="triton", stage=stage, **kw)
+        weights = max(weights, max(p.numel() for p in m.parameters()), 8 * 4 * 9)  # + merged weight
+        x = torch.randn(n, c, h, w)
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        m(x.requires_grad_(True)).sum().backward()
     activation = n * h * w  # every activation-sized tensor here has at least this many elements
     assert weights < activation
     kernels = {r[0] for r in records}
-    assert {"_sru_apply_kernel", "_sru_bwd_dx_kernel", "_cru_combine_kernel", "_cru_dsq_kernel"} <= kernels
+    assert {"_sru_apply_kernel", "_sru_bwd_dx_kernel", "_cru_combine_kernel", "_cru_dsq_kernel",
+            "_s2_squeeze_kernel", "_s2_conv_kernel"} <= kernels
     bad = sorted({(k, a, numel) for k, a, numel, dt in records if numel >= activation and dt != np.int64})
     assert not bad, f"int32 offsets into activation-sized tensors: {bad}"
     assert not [r for r in records if r[1] == "?" and r[3] != np.int64]
@@ -593,13 +596,15 @@ def test_launch_grids_fit_cuda_limits_on_large_images(cl, side, monkeypatch):
         grids.append((self.fn.__name__, tuple(self.grid)))
 
     monkeypatch.setattr(I.GridExecutor, "__call__", record)
-    model = scconv_triton.SCConv(4, group_num=2, group_size=1, backend="triton")
-    x = torch.zeros(1, 4, side, side)
-    if cl:
-        x = x.to(memory_format=torch.channels_last)
-    model(x.requires_grad_(True)).sum().backward()
+    for stage in (1, 2):
+        model = scconv_triton.SCConv(4, group_num=2, group_size=1, backend="triton", stage=stage)
+        x = torch.zeros(1, 4, side, side)
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        model(x.requires_grad_(True)).sum().backward()
     names = {g[0] for g in grids}
-    assert {"_cru_combine_kernel", "_cru_combine_bwd_kernel", "_cru_dsq_kernel", "_sru_apply_kernel"} <= names
+    assert {"_cru_combine_kernel", "_cru_combine_bwd_kernel", "_cru_dsq_kernel", "_sru_apply_kernel",
+            "_s2_squeeze_kernel", "_s2_means_kernel", "_s2_conv_kernel"} <= names
     for name, grid in grids:
         grid = grid + (1,) * (3 - len(grid))
         assert grid[0] < 2 ** 31 and grid[1] <= 65535 and grid[2] <= 65535, (name, grid)

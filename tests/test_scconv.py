@@ -39,7 +39,7 @@ def _split(cfg):
 
 def _pair(cfg, device, dtype=torch.float64):
     shape, kw, recompute = _split(cfg)
-    fused = scconv_triton.SCConv(**kw, recompute=recompute, backend="triton")
+    fused = scconv_triton.SCConv(**kw, recompute=recompute, backend="triton", stage=1 if recompute else 2)
     with torch.no_grad():  # non-trivial values everywhere, so every term can fail
         for p in fused.parameters():
             p.copy_(torch.randn_like(p) * 0.5)
@@ -170,8 +170,9 @@ def test_non_contiguous_and_expanded_inputs(device):
 def test_recompute_gives_identical_results_and_saves_less(device, deterministic):
     # bitwise (deterministic: cuDNN's backward algorithms may otherwise differ run to run on a GPU)
     kw = dict(op_channel=16)
-    a = scconv_triton.SCConv(**kw, backend="triton").double().to(device)
-    b = scconv_triton.SCConv(**kw, backend="triton", recompute=True).double().to(device)
+    # stage 1's keyword (stage 2, the default, always saves what stage 1 with recompute saves)
+    a = scconv_triton.SCConv(**kw, backend="triton", stage=1).double().to(device)
+    b = scconv_triton.SCConv(**kw, backend="triton", recompute=True, stage=1).double().to(device)
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 16, 6, 6, dtype=torch.float64, device=device)
     ya, dxa, ga = _run(a, x, torch.ones(2, 16, 6, 6, dtype=torch.float64, device=device))
@@ -206,8 +207,15 @@ def test_fused_path_actually_runs_triton(device):
     from scconv_triton.testing import capture_launches
 
     fused, _, shape = _pair(CONFIGS["default"], device)
+    x = torch.randn(shape, dtype=torch.float64, device=device)
     with capture_launches(keep_args=False) as calls:
-        fused(torch.randn(shape, dtype=torch.float64, device=device))
+        fused(x)
+    names = [c.name for c in calls]
+    assert names == ["_sru_stats_partial_kernel", "_sru_stats_merge_kernel", "_s2_squeeze_kernel",
+                     "_s2_means_kernel", "_s2_conv_kernel"], names  # stage 2, the default
+    fused.stage = 1
+    with capture_launches(keep_args=False) as calls:
+        fused(x)
     names = [c.name for c in calls]
     assert names == ["_sru_stats_partial_kernel", "_sru_stats_merge_kernel", "_sru_apply_kernel",
                      "_cru_weights_kernel", "_cru_zsum_kernel", "_cru_combine_kernel"], names

@@ -1,0 +1,619 @@
+"""Stage 2 of the fused SCConv forward: the convolutions in Triton; s, Y1, Y2 and P2 never stored.
+
+With x (N, C, H, W), h = C // 2, u / l the CRU's up / low split of s, squeezed to USQ / LSQ
+channels, GWC k x k (G groups of CIG input and COG output channels, pad p = k // 2, stride st),
+PWC1 (Cout x USQ), PWC2 (P x LSQ, P = Cout - LSQ) and output Ho x Wo (DESIGN.md, "Stage 2"):
+
+  _s2_squeeze_kernel  per (n, pixel tile): loads x for channel pairs (c, c + h), forms s in
+                      registers (kernels/sru.py's _pair_s: every SRU revision), multiplies by the
+                      squeeze weights (tl.dot) and writes up and low; epilogue: per-tile partial
+                      sums from which the pooled means follow exactly,
+                        T[ci, dy, dx] = sum of up[ci] over rows R_dy x columns C_dx,
+                        R_dy = {oh * st + dy - p : 0 <= oh < Ho} inside [0, H)  (C_dx alike),
+                        L[ci] = sum of low[ci] over the strided grid {(oh * st, ow * st)}.
+  _s2_means_kernel    per (group, output-channel block), all samples: the tile partials reduced
+                      in a fixed order, then
+                        mean(Y1[c]) = b[c] + (sum_{ci, dy, dx} Wg[c, ci, dy, dx] T[g(c) CIG + ci, dy, dx]
+                                              + sum_ci W1[c, ci] T[ci, p, p]) / (Ho Wo),
+                        mean(Y2[c]) = sum_ci W2[c, ci] L[ci] / (Ho Wo)   (c < P)
+                                    = L[c - P] / (Ho Wo)                (c >= P, identity),
+                      as [samples x channels] products over the samples (weights read once per 16).
+  _s2_conv_kernel     per (n, output tile of BH x BW pixels, block of output channels of every
+                      group): loads the up tile the taps need (halo included) once, forms each
+                      tap's operand from it in registers (tl.gather), the grouped k x k GWC as
+                      batched dots over the group's channels only (never a densified
+                      block-diagonal weight), PWC1 at the centre tap, the bias, PWC2 / the identity
+                      channels of low at the strided positions (low loaded once), the softmax of
+                      the means (channel or pairwise), out = A1 Y1 + A2 Y2 written once.
+
+Precision: the dots take the storage dtype (fp16 / bf16 tensor cores with fp32 accumulation;
+fp32 with TF32 exactly when the launcher is asked for it, IEEE otherwise; fp64 in fp64).
+Reductions have a fixed order (no atomics): results are bitwise reproducible. Offsets are int64.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import acc, acc_dtype, cdiv, launcher, np2, pix_off, pixel_layout, split_float, strides4
+from .cru import _softmax_coeffs, _softmax_stats
+from .sru import _block_w, _get_wnorm, _pair_s, _pair_tile, _switches
+
+__all__ = ["stage2_forward", "supports", "conv_plan", "AS_GPU"]
+
+
+# ----------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------
+# The interpreter's dot has no bf16 (numpy): there the operands go through fp32 (products of
+# bf16 values are exact in fp32: only the summation order differs from a tensor-core dot).
+# A global, not a launch argument, so the captured launches compile the GPU's variant.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _mma(a, b, c, TF32: tl.constexpr):
+    """c += a @ b (2-D, or batched 3-D); fp32 operands on TF32 tensor cores when TF32, else IEEE."""
+    if _INTERPRETED and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), c, input_precision="ieee")
+    elif TF32:
+        return tl.dot(a, b, c, input_precision="tf32")
+    else:
+        return tl.dot(a, b, c, input_precision="ieee")
+
+
+@triton.jit
+def _on_taps(i, d, PAD, STRIDE, NOUT):
+    """Whether input row (column) i is read by tap d of some output row: i = o * STRIDE + d - PAD
+    for an o in [0, NOUT)."""
+    t = i - d + PAD
+    return (t >= 0) & (t % STRIDE == 0) & (t < NOUT * STRIDE)
+
+
+@triton.jit
+def _tile_sums(part_ptr, nn, mn, idx, mi, R, N_PB):
+    """[BN, BJ] sums over the N_PB pixel tiles of sample nn of the partial-sum entries idx
+    (part_ptr: (N * N_PB, R)), tiles in a fixed order."""
+    off = (nn.to(tl.int64) * N_PB)[:, None] * R + idx.to(tl.int64)[None, :]
+    m = mn[:, None] & mi[None, :]
+    s = tl.load(part_ptr + off, mask=m, other=0.0)
+    for t in range(1, N_PB):
+        s += tl.load(part_ptr + (off + t * R), mask=m, other=0.0)
+    return s
+
+
+# ----------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _s2_squeeze_kernel(
+    x_ptr, mean_ptr, rstd_ptr, gw_ptr, gb_ptr, wsum_ptr, w1_ptr, w2_ptr, up_ptr, low_ptr, part_ptr,
+    C, HALF, U, USQ, LSQ, W, HW, G, CG, PAD, STRIDE, HO, WO,
+    sx_n, sx_c, sx_h, sx_w,
+    su_n, su_c, su_h, su_w,
+    sl_n, sl_c, sl_h, sl_w,
+    tau_hi, tau_lo, N_PB,
+    MASK: tl.constexpr, ON: tl.constexpr, SOFTMAX: tl.constexpr,
+    FLAT: tl.constexpr, FP64: tl.constexpr, EVEN: tl.constexpr, TF32: tl.constexpr, K: tl.constexpr,
+    BU: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """up = Wsq1 s[:U], low = Wsq2 s[U:] for BP pixels of sample n, s formed from x in registers.
+
+    x_ptr: (N, C, H, W), strides sx_*; mean (fp64) / rstd: (N, G) from sru_stats; gw / gb: (C,)
+    GroupNorm gamma / beta; wsum_ptr: (2,) their weighting's (denom, shift) from sru_stats.
+    w1_ptr (USQ, U), w2_ptr (LSQ, C - U): contiguous squeeze weights. up_ptr / low_ptr:
+    (N, USQ | LSQ, H, W), strides su_* / sl_*. part_ptr: (N * N_PB, USQ * K * K + LSQ) per-tile
+    partial sums T, then L (module doc). EVEN: U == HALF, so s[c] (c < HALF) is all up and
+    s[c + HALF] all low (two dots, not four). MASK, ON, SOFTMAX: the SRU's switches
+    (kernels/sru.py). Grid (N * N_PB,).
+    """
+    pid = tl.program_id(0)
+    n, n64, cb, _cp, _mc, _m, p64 = _pair_tile(pid, HALF, HW, 1, N_PB, BK, BP)
+    mp = p64 < HW
+    wn = _get_wnorm(gw_ptr, wsum_ptr, C, True, SOFTMAX, FP64, BLOCK_W)
+    tau = acc(tau_hi, FP64) + acc(tau_lo, FP64)
+    xo = pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
+    xdt = x_ptr.dtype.element_ty
+    L = C - U
+    ou = tl.arange(0, BU)
+    ol = tl.arange(0, BL)
+    mu_ = ou < USQ
+    ml_ = ol < LSQ
+    acc_u = acc(tl.zeros([BU, BP], tl.float32), FP64)
+    acc_l = acc(tl.zeros([BL, BP], tl.float32), FP64)
+    for k0 in range(0, HALF, BK):
+        c = k0 + cb
+        mc = c < HALF
+        m = mc[:, None] & mp[None, :]
+        sa, sb = _pair_s(x_ptr, xo, sx_c, n, c, c + HALF, mc, m, mean_ptr, rstd_ptr, gw_ptr, gb_ptr, G, CG, wn,
+                         tau, MASK, ON, SOFTMAX, FP64)
+        # s in the storage dtype, as the reference's squeeze convolutions see it
+        sa = sa.to(xdt)
+        sb = sb.to(xdt)
+        if EVEN:
+            wua = tl.load(w1_ptr + ou[:, None] * U + c[None, :], mask=mu_[:, None] & mc[None, :], other=0.0)
+            wlb = tl.load(w2_ptr + ol[:, None] * L + c[None, :], mask=ml_[:, None] & mc[None, :], other=0.0)
+            acc_u = _mma(wua, sa, acc_u, TF32)
+            acc_l = _mma(wlb, sb, acc_l, TF32)
+        else:
+            ca = c[None, :]
+            cp = c + HALF
+            cbb = cp[None, :]
+            wua = tl.load(w1_ptr + ou[:, None] * U + ca, mask=mu_[:, None] & (mc & (c < U))[None, :], other=0.0)
+            wub = tl.load(w1_ptr + ou[:, None] * U + cbb, mask=mu_[:, None] & (mc & (cp < U))[None, :], other=0.0)
+            wla = tl.load(w2_ptr + ol[:, None] * L + (ca - U), mask=ml_[:, None] & (mc & (c >= U))[None, :],
+                          other=0.0)
+            wlb = tl.load(w2_ptr + ol[:, None] * L + (cbb - U), mask=ml_[:, None] & (mc & (cp >= U))[None, :],
+                          other=0.0)
+            acc_u = _mma(wua, sa, acc_u, TF32)
+            acc_u = _mma(wub, sb, acc_u, TF32)
+            acc_l = _mma(wla, sa, acc_l, TF32)
+            acc_l = _mma(wlb, sb, acc_l, TF32)
+    udt = up_ptr.dtype.element_ty
+    up = acc_u.to(udt)
+    low = acc_l.to(udt)
+    uo = pix_off(p64, W, su_h, su_w, FLAT)[None, :] + n64 * su_n
+    lo = pix_off(p64, W, sl_h, sl_w, FLAT)[None, :] + n64 * sl_n
+    tl.store(up_ptr + uo + ou.to(tl.int64)[:, None] * su_c, up, mask=mu_[:, None] & mp[None, :])
+    tl.store(low_ptr + lo + ol.to(tl.int64)[:, None] * sl_c, low, mask=ml_[:, None] & mp[None, :])
+
+    # epilogue: the pooled means' partial sums, from the stored (rounded) values
+    hh = p64 // W
+    ww = p64 % W
+    uq = acc(up, FP64)
+    R = USQ * K * K + LSQ
+    row = part_ptr + pid.to(tl.int64) * R
+    for dy in tl.static_range(K):
+        rm = _on_taps(hh, dy, PAD, STRIDE, HO) & mp
+        for dx in tl.static_range(K):
+            sel = rm & _on_taps(ww, dx, PAD, STRIDE, WO)
+            t = tl.sum(tl.where(sel[None, :], uq, 0.0), axis=1)
+            tl.store(row + ou * (K * K) + (dy * K + dx), t, mask=mu_)
+    grid = mp & (hh % STRIDE == 0) & (ww % STRIDE == 0)
+    lsum = tl.sum(tl.where(grid[None, :], acc(low, FP64), 0.0), axis=1)
+    tl.store(row + USQ * K * K + ol, lsum, mask=ml_)
+
+
+@triton.jit
+def _s2_means_kernel(
+    part_ptr, m_ptr, wg_ptr, bg_ptr, wp1_ptr, wp2_ptr,
+    N, USQ, LSQ, COUT, COG, CIG, P, N_PB, N_CB, inv_hw,
+    HAS_P: tl.constexpr, FP64: tl.constexpr, K: tl.constexpr, BN: tl.constexpr, BCO: tl.constexpr,
+    BJ: tl.constexpr,
+):
+    """Pooled means m (N, 2 COUT) of Y1 (first COUT) and Y2 from the squeeze's partial sums.
+
+    part_ptr: (N * N_PB, R), R = USQ K K + LSQ (_s2_squeeze_kernel). wg (COUT, CIG, K, K),
+    bg (COUT,), wp1 (COUT, USQ), wp2 (P, LSQ): contiguous weights. inv_hw = 1 / (Ho Wo).
+    Program (g, cb): output channels g COG + [cb BCO, (cb + 1) BCO), all samples in blocks of
+    BN; each weight block is read once per sample block. Grid (G * N_CB,).
+    """
+    KK: tl.constexpr = K * K
+    g = tl.program_id(0) // N_CB
+    cb = tl.program_id(0) % N_CB
+    co = cb * BCO + tl.arange(0, BCO)
+    c = g * COG + co
+    c64 = c.to(tl.int64)  # masked lanes past the weights: no int32 wrap-around
+    mc = co < COG
+    mp = mc & (c < P)
+    R = USQ * KK + LSQ
+    js = tl.arange(0, BJ)
+    dt = m_ptr.dtype.element_ty
+    for n0 in range(0, N, BN):
+        nn = n0 + tl.arange(0, BN)
+        mn = nn < N
+        s1 = acc(tl.zeros([BN, BCO], tl.float32), FP64)
+        for j0 in range(0, CIG * KK, BJ):  # GWC: j = ci * KK + tap over the group's channels
+            j = j0 + js
+            mj = j < CIG * KK
+            t = _tile_sums(part_ptr, nn, mn, g * CIG * KK + j, mj, R, N_PB)
+            w = tl.load(wg_ptr + (c[:, None] * (CIG * KK) + j[None, :]), mask=mc[:, None] & mj[None, :], other=0.0)
+            s1 += tl.sum(t[:, None, :] * w.to(dt)[None, :, :], axis=2)
+        for j0 in range(0, USQ, BJ):  # PWC1: the centre tap of every up channel
+            j = j0 + js
+            mj = j < USQ
+            t = _tile_sums(part_ptr, nn, mn, j * KK + KK // 2, mj, R, N_PB)
+            w = tl.load(wp1_ptr + (c[:, None] * USQ + j[None, :]), mask=mc[:, None] & mj[None, :], other=0.0)
+            s1 += tl.sum(t[:, None, :] * w.to(dt)[None, :, :], axis=2)
+        # identity channels: L[c - P]; PWC2 channels: W2 L
+        s2 = _tile_sums(part_ptr, nn, mn, USQ * KK + (c - P), mc & (c >= P), R, N_PB)
+        if HAS_P:
+            for j0 in range(0, LSQ, BJ):
+                j = j0 + js
+                mj = j < LSQ
+                t = _tile_sums(part_ptr, nn, mn, USQ * KK + j, mj, R, N_PB)
+                w = tl.load(wp2_ptr + (c[:, None] * LSQ + j[None, :]), mask=mp[:, None] & mj[None, :], other=0.0)
+                s2 += tl.sum(t[:, None, :] * w.to(dt)[None, :, :], axis=2)
+        b = tl.load(bg_ptr + c, mask=mc, other=0.0).to(dt)
+        off = nn.to(tl.int64)[:, None] * (2 * COUT) + c64[None, :]
+        mm = mn[:, None] & mc[None, :]
+        tl.store(m_ptr + off, b[None, :] + s1 * inv_hw, mask=mm)
+        tl.store(m_ptr + (off + COUT), s2 * inv_hw, mask=mm)
+
+
+@triton.jit
+def _gwc_weights(wg_ptr, c, mc, CIG, c0, t0, K: tl.constexpr, CIGP: tl.constexpr, TPD: tl.constexpr):
+    """[BR, TPD * CIGP] GWC weights of taps t0 .. t0 + TPD and input channels c0 + [0, CIGP) of
+    the group (columns (tap, ci)), zero past K * K and CIG."""
+    KK: tl.constexpr = K * K
+    kk = tl.arange(0, TPD * CIGP)
+    kc = c0 + kk % CIGP
+    kt = t0 + kk // CIGP
+    return tl.load(wg_ptr + c.to(tl.int64)[:, None] * (CIG * KK) + (kc * KK + kt)[None, :],
+                   mask=mc[:, None] & ((kc < CIG) & (kt < KK))[None, :], other=0.0)
+
+
+@triton.jit
+def _tap(tile, dy, dx, STRIDE: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """[GP, CIGP, BH * BW] operand of tap (dy, dx) from the up tile [GP, CIGP, RHP, RWP]: output
+    lane (i, j) reads tile row i st + dy, column j st + dx. Two
+    gathers along short axes (columns, then rows): register shuffles, no memory. Lanes past the
+    tile clamp to its edge (they are outputs the tile does not own, never stored)."""
+    GP: tl.constexpr = tile.shape[0]
+    CIGP: tl.constexpr = tile.shape[1]
+    RHP: tl.constexpr = tile.shape[2]
+    RWP: tl.constexpr = tile.shape[3]
+    ci = tl.minimum(tl.arange(0, BW) * STRIDE + dx, RWP - 1)
+    cols = tl.gather(tile, tl.broadcast_to(ci[None, None, None, :], [GP, CIGP, RHP, BW]), axis=3)
+    ri = tl.minimum(tl.arange(0, BH) * STRIDE + dy, RHP - 1)
+    rows = tl.gather(cols, tl.broadcast_to(ri[None, None, :, None], [GP, CIGP, BH, BW]), axis=2)
+    return tl.reshape(rows, [GP, CIGP, BH * BW])
+
+
+@triton.jit
+def _y2_weights(w2_ptrs, w2_mask, ident, a2, HAS_P: tl.constexpr, FP64: tl.constexpr):
+    """A2-scaled rows of Y2's matrix [BR, BL]: PWC2's weights (HAS_P; rows c < P) and the one-hot
+    rows of the identity channels."""
+    w = tl.where(ident, 1.0, 0.0)
+    if HAS_P:
+        w += acc(tl.load(w2_ptrs, mask=w2_mask, other=0.0), FP64)
+    return acc(w, FP64) * a2[:, None]
+
+
+@triton.jit
+def _s2_conv_kernel(
+    up_ptr, low_ptr, m_ptr, wg_ptr, bg_ptr, wp1_ptr, wp2_ptr, out_ptr, a_ptr,
+    H, W, HO, WO, G, CIG, USQ, LSQ, COUT, COG, P, PAD, OHT, OWT, N_RB, N_WB, N_ST, RPP,
+    su_n, su_c, su_h, su_w,
+    sl_n, sl_c, sl_h, sl_w,
+    so_n, so_c, so_h, so_w,
+    HAS_P: tl.constexpr, PAIRWISE: tl.constexpr, FP64: tl.constexpr, TF32: tl.constexpr, K: tl.constexpr,
+    STRIDE: tl.constexpr, HOLD: tl.constexpr, GP: tl.constexpr, CIGP: tl.constexpr, TPD: tl.constexpr,
+    NCH: tl.constexpr, BCO: tl.constexpr, RHP: tl.constexpr, RWP: tl.constexpr, BH: tl.constexpr,
+    BW: tl.constexpr, BL: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """out[n, c] = A1[n, c] Y1[n, c] + A2[n, c] Y2[n, c] on OHT x OWT output tiles.
+
+    up_ptr / low_ptr: (N, USQ | LSQ, H, W); out_ptr: (N, COUT, HO, WO); m_ptr: (N, 2 COUT) pooled
+    means from _s2_means_kernel; a_ptr: (N, 2 COUT) the softmax coefficients A (written by the
+    programs of the first output tile, for the backward); weights as there. A program computes
+    output channels g COG + cb BCO + [0, BCO) of every group g < G (rows r = g BCO + i).
+    Output tile (rb, wb): rows rb OHT + [0, OHT), columns wb OWT + [0, OWT); its up tile: input
+    rows rb OHT st - PAD + [0, RHP), columns likewise [0, RWP), the group's input channels in
+    chunks of CIGP (channels (g, ci) as [GP, CIGP]), each loaded once (zero outside the image): OHT = (RHP - K) // st + 1 output rows fit in it, so
+    neighbouring tiles overlap by the halo only. Lanes: BH x BW (powers of two >= OHT x OWT).
+    A program walks RPP row tiles (a strip; N_ST strips of the N_RB row tiles) of one of the
+    N_WB column blocks; HOLD: it loads its weights once for the strip, else per tile (RPP = 1
+    then; HOLD needs one chunk, CIGP >= CIG). A K block of the GWC dot spans TPD (1 or 2) taps x
+    CIGP channels; NCH >= the number of tap blocks (a power of two: the held weights' shape). Grid (N * N_ST * N_WB, N_CB).
+    """
+    KK: tl.constexpr = K * K
+    BQ: tl.constexpr = BH * BW
+    BR: tl.constexpr = GP * BCO
+    BKG: tl.constexpr = TPD * CIGP
+    pid = tl.program_id(0)
+    wb = pid % N_WB
+    rb0 = ((pid // N_WB) % N_ST) * RPP
+    n64 = (pid // (N_WB * N_ST)).to(tl.int64)
+    nrb = tl.minimum(RPP, N_RB - rb0)
+    cb = tl.program_id(1)
+    r = tl.arange(0, BR)
+    rg = r // BCO
+    co = cb * BCO + r % BCO
+    c = rg * COG + co
+    mc = (rg < G) & (co < COG)
+    mcp = mc & (c < P)
+    lch = tl.arange(0, BL)
+    kg = tl.arange(0, GP * CIGP)
+    w1_ptrs = wp1_ptr + c.to(tl.int64)[:, None] * USQ + ((kg // CIGP) * CIG + kg % CIGP)[None, :]
+    w1_mask = mc[:, None] & ((kg // CIGP < G) & (kg % CIGP < CIG))[None, :]  # chunk c0 = 0; + c0 below
+    w2_ptrs = wp2_ptr + c.to(tl.int64)[:, None] * LSQ + lch[None, :]
+    w2_mask = mcp[:, None] & (lch < LSQ)[None, :]
+    # Y2 = M low with M's rows: PWC2's for c < P, one-hot (the identity channel c - P) for c >= P
+    ident = (mc & (c >= P))[:, None] & (lch[None, :] == (c - P)[:, None])
+    # the softmax of the pooled means -> A1, A2 of these channels
+    if PAIRWISE:
+        mx = 0.0
+        den = 1.0
+    else:
+        mx, den = _softmax_stats(m_ptr, n64, COUT, BLOCK_M)
+    a1, a2 = _softmax_coeffs(m_ptr, n64, c, mc, COUT, mx, den, PAIRWISE)
+    wa = mc & ((c * 0 + rb0 + wb) == 0)  # a vector test: rb0, wb may be constants
+    tl.store(a_ptr + n64 * (2 * COUT) + c, a1, mask=wa)
+    tl.store(a_ptr + n64 * (2 * COUT) + COUT + c, a2, mask=wa)
+    # out = A1 (GWC + PWC1 + b) + A2 (PWC2 | identity): A1 and A2 scale the weights' rows, so the
+    # dots of both branches accumulate into the output tile itself (one accumulator, not three)
+    a1b = a1 * acc(tl.load(bg_ptr + c, mask=mc, other=0.0), FP64)
+    wdt = wg_ptr.dtype.element_ty
+    if HOLD:  # every weight of these channels, once: [BR, NCH, BKG] GWC blocks, PWC1, PWC2
+        ich = tl.arange(0, NCH)
+        kk = tl.arange(0, BKG)
+        kc = kk % CIGP
+        kt = ich[:, None] * TPD + (kk // CIGP)[None, :]  # [NCH, BKG] taps
+        wall = tl.load(wg_ptr + c.to(tl.int64)[:, None, None] * (CIG * KK) + (kc[None, :] * KK + kt)[None, :, :],
+                       mask=mc[:, None, None] & ((kc[None, :] < CIG) & (kt < KK))[None, :, :], other=0.0)
+        wall = (acc(wall, FP64) * a1[:, None, None]).to(wdt)
+        w1h = (acc(tl.load(w1_ptrs, mask=w1_mask, other=0.0), FP64) * a1[:, None]).to(wdt)
+        w2h = _y2_weights(w2_ptrs, w2_mask, ident, a2, HAS_P, FP64).to(wdt)
+
+    q = tl.arange(0, BQ)
+    qh = q // BW
+    qw = q % BW
+    gi = tl.arange(0, GP)
+    ci = tl.arange(0, CIGP)
+    tr = tl.arange(0, RHP)
+    tc = tl.arange(0, RWP)
+    iw = wb * (OWT * STRIDE) - PAD + tc
+    ow = wb * OWT + qw
+    for rb in range(rb0, rb0 + nrb):
+        oh = rb * OHT + qh
+        mq = (qh < OHT) & (qw < OWT) & (oh < HO) & (ow < WO)
+        # Y2 first: the identity channels of low and A2 PWC2 at the strided positions (low read once)
+        lo = n64 * sl_n + (oh * STRIDE).to(tl.int64) * sl_h + (ow * STRIDE).to(tl.int64) * sl_w
+        lt = tl.load(low_ptr + lo[None, :] + lch.to(tl.int64)[:, None] * sl_c,
+                     mask=(lch < LSQ)[:, None] & mq[None, :], other=0.0)
+        o = acc(tl.zeros([BR, BQ], tl.float32), FP64) + a1b[:, None]
+        if HOLD:
+            o = _mma(w2h, lt, o, TF32)
+        else:
+            o = _mma(_y2_weights(w2_ptrs, w2_mask, ident, a2, HAS_P, FP64).to(wdt), lt, o, TF32)
+
+        ih = rb * (OHT * STRIDE) - PAD + tr
+        mpix = ((ih >= 0) & (ih < H))[:, None] & ((iw >= 0) & (iw < W))[None, :]
+        po = n64 * su_n + ih.to(tl.int64)[:, None] * su_h + iw.to(tl.int64)[None, :] * su_w
+        for c0 in range(0, CIG, CIGP):
+            # the up tile of this channel chunk, once: [GP, CIGP, RHP, RWP]
+            ch = (gi[:, None] * CIG + c0 + ci[None, :]).to(tl.int64)
+            mch = (gi < G)[:, None] & (c0 + ci < CIG)[None, :]
+            tile = tl.load(up_ptr + ch[:, :, None, None] * su_c + po[None, None, :, :],
+                           mask=mch[:, :, None, None] & mpix[None, None, :, :], other=0.0)
+            # PWC1: every up channel at the centre tap, which is in the tile too
+            cen = tl.reshape(_tap(tile, PAD, PAD, STRIDE, BH, BW), [GP * CIGP, BQ])
+            if HOLD:
+                o = _mma(w1h, cen, o, TF32)
+            else:
+                w1 = tl.load(w1_ptrs + c0, mask=w1_mask & (c0 + kg % CIGP < CIG)[None, :], other=0.0)
+                o = _mma((acc(w1, FP64) * a1[:, None]).to(wdt), cen, o, TF32)
+            # GWC: per K block TPD taps x CIGP channels of each group, formed from the tile
+            o = tl.reshape(o, [GP, BCO, BQ])
+            for i in range(0, (KK + TPD - 1) // TPD):
+                t = i * TPD
+                op = _tap(tile, t // K, t % K, STRIDE, BH, BW)
+                if TPD == 2:
+                    t2 = tl.minimum(t + 1, KK - 1)  # past the last tap: any operand (its weights are 0)
+                    op2 = _tap(tile, t2 // K, t2 % K, STRIDE, BH, BW)
+                    op = tl.reshape(tl.permute(tl.join(op, op2), (0, 3, 1, 2)), [GP, BKG, BQ])
+                if HOLD:  # block i of the held weights (a select in registers, no load)
+                    w = tl.sum(tl.where((ich == i)[None, :, None], wall, 0.0), axis=1).to(wdt)
+                else:
+                    w = (acc(_gwc_weights(wg_ptr, c, mc, CIG, c0, t, K, CIGP, TPD), FP64) * a1[:, None]).to(wdt)
+                o = _mma(tl.reshape(w, [GP, BCO, BKG]), op, o, TF32)
+            o = tl.reshape(o, [BR, BQ])
+        oo = n64 * so_n + c.to(tl.int64)[:, None] * so_c + (oh.to(tl.int64) * so_h + ow.to(tl.int64) * so_w)[None, :]
+        tl.store(out_ptr + oo, o.to(out_ptr.dtype.element_ty), mask=mc[:, None] & mq[None, :])
+
+
+# ----------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------
+_MAX_SQ = 256  # squeezed channels a squeeze program holds in registers (both accumulators)
+# Register caps of one 8-warp program, in elements (fp32; fp64 counts twice): the largest that
+# the AOT check (tests/test_aot.py) compiles without spills. Squeeze: per thread (of up to 8 warps).
+_SQ_PER_THREAD = 128
+# Conv: its output tile (the accumulator), its up tile, a K block's operand, the weights it holds.
+_OUT_TILE = 8192
+_UP_TILE = 4096
+_OPERAND = 8192  # half that from 4 groups up (spills at k = 5, 4 groups)
+_HELD = 10240
+
+
+def _d(v: int) -> int:
+    """A tl.dot dimension: a power of two, at least 16 (the GPU's smallest MMA tile)."""
+    return max(16, np2(v))
+
+
+@functools.lru_cache(maxsize=256)
+def _squeeze_tiles(usq: int, lsq: int, hw: int, esize: int):
+    """(BU, BL, BK, BP, num_warps) of _s2_squeeze_kernel: the most pixels a program can hold.
+
+    Every program reads all the squeeze weights, so the more pixels it takes, the less weight
+    traffic: the accumulators [BU + BL, BP], the SRU prologue's [BK, BP] tiles (about six live)
+    and a weight block must fit _SQ_PER_THREAD registers a thread of at most 8 warps (16 warps
+    cap a thread at 128 registers: spills on sm_80); fp64 counts twice, 16-bit inputs 2x for
+    their conversions."""
+    bu, bl, bk = _d(usq), _d(lsq), 16
+    scale = {8: 2.0, 4: 1.0}.get(esize, 2.0)
+    for bp in (1024, 512, 256, 128, 64, 32, 16):
+        if bp > max(16, np2(hw)):
+            continue
+        need = ((bu + bl) * bp + 6 * bk * bp + (bu + bl) * bk) * scale
+        warps = next((wp for wp in (4, 8) if need <= _SQ_PER_THREAD * 32 * wp), None)
+        if warps is not None:
+            return bu, bl, bk, bp, warps
+    return bu, bl, bk, 16, 8
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (max(int(v), 1).bit_length() - 1)
+
+
+def _span(blocks: int, step: int, size: int, pad: int, limit: int) -> int:
+    """Input rows (columns) the row (column) tiles load: sum over tiles of [b step - pad, + size)
+    inside [0, limit)."""
+    return sum(max(0, min(b * step - pad + size, limit) - max(b * step - pad, 0)) for b in range(blocks))
+
+
+@functools.lru_cache(maxsize=1024)
+def conv_plan(n: int, h: int, w: int, k: int, st: int, g: int, cig: int, cog: int, usq: int, lsq: int,
+              p: int, fp64: bool):
+    """Tiles of _s2_conv_kernel for this shape: a dict of its constexprs and grid parameters
+    (OHT, OWT, N_RB, N_WB, N_ST, RPP, N_CB) and num_warps; None if none fits (stage 1 runs then).
+
+    Register caps (8 warps; fp64 counts 2.5x), set from the AOT check's registers (tests/test_aot.py:
+    no spills): output tile BR x BQ <= 8192 elements, up tile <= 4096, a K block's gathered
+    operand <= 8192 (4096 from 4 groups up), held weights <= 10240;
+    the group's input channels in chunks of CIGP when its up tile would exceed the cap.
+    Among the tiles within them, the one that loads the fewest elements: each output tile's up
+    tile (the halo: k - st rows and columns shared with the neighbours), low once, and the
+    weights of the program's channels (once per column of row tiles when it holds them, HOLD,
+    else per tile). Ties: the larger tile."""
+    for relax in (1, 4, 16):  # tiny odd configs (k 7, stride 3, 4 groups of 3 channels): looser caps
+        plan = _conv_search(n, h, w, k, st, g, cig, cog, usq, lsq, fp64, relax)
+        if plan is not None:
+            return plan
+    return None
+
+
+def _conv_search(n, h, w, k, st, g, cig, cog, usq, lsq, fp64, relax):
+    ho, wo = (h - 1) // st + 1, (w - 1) // st + 1
+    kk = k * k
+    gp = np2(g)
+    bl = _d(lsq)
+    wsz = cig * kk + usq + lsq  # weights of one output channel (PWC2 or the identity row)
+    scale = (2.5 if fp64 else 1) / relax  # fp64: twice the registers, and more for its dot's layouts
+    best = None
+    # CIGP: input channels of a group per chunk; PWC1's K (GP * CIGP) and TPD * CIGP are dot dims
+    for cigp, bco in itertools.product(sorted({max(np2(cig), cdiv(16, gp), 8), 64, 32, 16, 8}), (16, 32, 64)):
+        if cigp > max(np2(cig), cdiv(16, gp), 8) or gp * cigp < 16:
+            continue
+        tpd = 2 if cigp < 16 else 1  # taps per GWC K block: at least 16 reduction lanes
+        nch = np2(cdiv(kk, tpd))
+        if bco > max(16, np2(cog)):
+            continue
+        br = gp * bco
+        n_cb = cdiv(cog, bco)
+        for rwp in (4, 8, 16, 32, 64, 128):
+            bw = _pow2_floor(rwp // st)  # lanes: a power of two
+            owt = min(bw, (rwp - k) // st + 1)  # the output columns the tile owns
+            if owt < 1:
+                continue
+            for rhp in (4, 8, 16, 32, 64, 128):
+                bh = _pow2_floor(rhp // st)
+                oht = min(bh, (rhp - k) // st + 1)
+                if oht < 1:
+                    continue
+                bq = bh * bw
+                if bq < 16 or br * bq * scale > _OUT_TILE or gp * cigp * rhp * rwp * scale > _UP_TILE:
+                    continue
+                if gp * tpd * cigp * bq * scale > (_OPERAND if gp <= 2 else _OPERAND // 2):  # a K block's operand
+                    continue
+                n_rb, n_wb = cdiv(ho, oht), cdiv(wo, owt)
+                # per sample: up rows x columns the tiles load (the halo inside the image), low once
+                act = usq * _span(n_rb, oht * st, rhp, k // 2, h) * _span(n_wb, owt * st, rwp, k // 2, w) + lsq * ho * wo
+                for hold in (True, False):
+                    if hold and (cigp < cig or br * (nch * tpd * cigp + gp * cigp + bl) * scale > _HELD):
+                        continue
+                    wl = min(br, g * cog) * wsz
+                    loads = n * n_cb * act + n * n_wb * n_cb * wl * (1 if hold else n_rb)
+                    key = (loads, -bq)
+                    if best is None or key < best[0]:
+                        rpp = n_rb if hold else 1
+                        best = (key, dict(HOLD=hold, GP=gp, CIGP=cigp, TPD=tpd, NCH=nch, BCO=bco, RHP=rhp, RWP=rwp,
+                                          BH=bh, BW=bw, BL=bl, OHT=oht, OWT=owt, N_RB=n_rb, N_WB=n_wb, N_ST=cdiv(n_rb, rpp),
+                                          RPP=rpp, N_CB=n_cb, num_warps=8))
+    return None if best is None else best[1]
+
+
+# tests/test_aot.py captures launches on a CPU: there supports() must decide as for a CUDA tensor
+AS_GPU = False
+
+
+def supports(shape, x_shape, dtype: torch.dtype, device=None) -> bool:
+    """Whether stage 2 runs this CRU shape on an (N, C, H, W) input of this dtype and device
+    (else stage 1). fp64 runs in the interpreter only: on a GPU the fp64 variant of
+    _s2_means_kernel has stack spills in every tile tried (the AOT check), so stage 1 runs it."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return False
+    if dtype == torch.float64 and (AS_GPU or (device is not None and torch.device(device).type == "cuda")):
+        return False
+    n, _, h, w = x_shape
+    if n == 0 or max(shape.up_sq, shape.low_sq) > _MAX_SQ:
+        return False
+    g = shape.group_size
+    return conv_plan(n, h, w, shape.kernel_size, shape.stride, g, shape.up_sq // g, shape.out_channels // g,
+                     shape.up_sq, shape.low_sq, shape.pwc2_out, dtype == torch.float64) is not None
+
+
+def _c(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+@launcher
+def stage2_forward(x, mean, rstd, wsum, gn_w, gn_b, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2,
+                   tau: float, mode: int, stride: int, groups: int, pairwise: bool, tf32: bool):
+    """Stage-2 forward from x and the SRU statistics (``sru_stats(..., weight=gn_w, mode=mode)``).
+
+    ``mode``: the SRU's switches (``SRUMath.code``). Returns (out, up, low, A): out
+    (N, Cout, Ho, Wo) in x's dtype and memory format, up / low (N, USQ | LSQ, H, W) likewise, A
+    (N, 2 Cout) the softmax coefficients in the accumulation dtype. Three launches.
+    """
+    N, C, H, W = x.shape
+    usq, u = w_sq1.shape[:2]
+    lsq = w_sq2.shape[0]
+    cout, cig, k, _ = w_gwc.shape
+    p = w_pwc2.shape[0]
+    pad = k // 2
+    ho, wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    hw, half = H * W, C // 2
+    fp64 = x.dtype == torch.float64
+    adt = acc_dtype(x.dtype)
+    mf = torch.channels_last if (x.stride(1) == 1 and C > 1 and x.stride(3) != 1) else torch.contiguous_format
+    kw = dict(device=x.device, dtype=x.dtype, memory_format=mf)
+    up = torch.empty((N, usq, H, W), **kw)
+    low = torch.empty((N, lsq, H, W), **kw)
+    out = torch.empty((N, cout, ho, wo), **kw)
+    w1 = _c(w_sq1).view(usq, u)
+    w2 = _c(w_sq2).view(lsq, C - u)
+    wg, wp1, wp2 = _c(w_gwc), _c(w_pwc1), _c(w_pwc2)
+    wp2 = wp2 if p else wg  # a valid pointer; HAS_P = False never reads it
+
+    bu, bl, bk, bp, warps = _squeeze_tiles(usq, lsq, hw, x.element_size())
+    n_pb = cdiv(hw, bp)
+    r = usq * k * k + lsq
+    part = torch.empty((N * n_pb, r), device=x.device, dtype=adt)
+    (sx, su, sl), flat = pixel_layout([x, up, low])
+    th, tlo = split_float(tau)
+    _s2_squeeze_kernel[(N * n_pb,)](
+        x, mean, rstd, gn_w, gn_b, wsum, w1, w2, up, low, part,
+        C, half, u, usq, lsq, W, hw, mean.shape[-1], C // mean.shape[-1], pad, stride, ho, wo,
+        *sx, *su, *sl, th, tlo, n_pb,
+        **_switches(mode), FLAT=flat, FP64=fp64, EVEN=u == half, TF32=bool(tf32), K=k,
+        BU=bu, BL=bl, BK=bk, BP=bp, BLOCK_W=_block_w(C), num_warps=warps,
+    )
+
+    cog = cout // groups
+    m = torch.empty((N, 2 * cout), device=x.device, dtype=adt)
+    a = torch.empty((N, 2 * cout), device=x.device, dtype=adt)
+    bco_m = 16 if fp64 else 32  # [BN, BCO, BJ = 16] products in registers
+    n_cb_m = cdiv(cog, bco_m)
+    _s2_means_kernel[(groups * n_cb_m,)](
+        part, m, wg, b_gwc, wp1, wp2, N, usq, lsq, cout, cog, cig, p, n_pb, n_cb_m, 1.0 / (ho * wo),
+        HAS_P=p > 0, FP64=fp64, K=k, BN=8 if fp64 else 16, BCO=bco_m, BJ=8 if fp64 else 16, num_warps=8,  # else stack spills (AOT)
+    )
+
+    plan = dict(conv_plan(N, H, W, k, stride, groups, cig, cog, usq, lsq, p, fp64))
+    grid = [plan.pop(key) for key in ("OHT", "OWT", "N_RB", "N_WB", "N_ST", "RPP", "N_CB")]
+    n_wb, n_st, n_cb = grid[3], grid[4], grid[6]
+    _s2_conv_kernel[(N * n_st * n_wb, n_cb)](
+        up, low, m, wg, b_gwc, wp1, wp2, out, a,
+        H, W, ho, wo, groups, cig, usq, lsq, cout, cog, p, pad, *grid[:6],
+        *up.stride(), *low.stride(), *strides4(out),
+        HAS_P=p > 0, PAIRWISE=bool(pairwise), FP64=fp64, TF32=bool(tf32), K=k, STRIDE=stride,
+        BLOCK_M=min(np2(2 * cout), 1024), **plan,
+    )
+    return out, up, low, a

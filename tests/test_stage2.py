@@ -1,0 +1,209 @@
+"""Stage 2 (the default SCConv path) against scconv_triton.reference.SCConv: forward and every gradient.
+
+Every config asserts that stage 2 ran (its three kernels were launched), so a silent fallback to
+stage 1 cannot pass. Tolerances as in test_scconv.py: fp64 1e-10; fp32 (IEEE: TF32 off) 1e-5
+where no gate value is within 1e-6 of tau; fp16 / bf16 within 2x the reference's own error in
+that dtype. Plus bitwise determinism (NCHW and channels_last) and the FLOP count of the dots
+(grouped GWC + PWC1, not a densified block-diagonal weight).
+"""
+import contextlib
+
+import pytest
+import torch
+
+import scconv_triton
+from scconv_triton import reference as ref
+from scconv_triton.kernels import stage2 as ks2
+from scconv_triton.testing import capture_launches
+from _helpers import TOL, cpu_only, draw_away_from_gate, rel
+from test_scconv import _run
+
+STAGE2 = ["_sru_stats_partial_kernel", "_sru_stats_merge_kernel", "_s2_squeeze_kernel", "_s2_means_kernel",
+          "_s2_conv_kernel"]
+
+# (SCConv kwargs, (N, H, W), channels_last): together every option of the module
+CONFIGS = {
+    "default": (dict(op_channel=16), (2, 6, 7), False),
+    "default-cl": (dict(op_channel=16), (2, 6, 7), True),
+    "alpha0.25-s2-k5": (dict(op_channel=16, alpha=0.25, stride=2, group_kernel_size=5), (2, 7, 9), False),
+    "alpha0.75-g4-k7-s3-cl": (
+        dict(op_channel=32, group_num=4, alpha=0.75, group_size=4, group_kernel_size=7, stride=3, out_channels=12),
+        (2, 9, 11), True),
+    "hard-gbn-pairwise": (dict(op_channel=16, gate="hard", torch_gn=False, softmax="pairwise"), (2, 5, 6), False),
+    "pwc2-zero": (dict(op_channel=16, out_channels=4), (2, 6, 5), False),
+    "pwc2-zero-s2-cl": (dict(op_channel=16, out_channels=4, stride=2, softmax="pairwise"), (2, 7, 5), True),
+    "wider-out-r3": (dict(op_channel=12, group_num=3, out_channels=20, squeeze_radio=3), (2, 5, 5), False),
+    "k1-g1-tau0.3": (dict(op_channel=20, group_num=5, group_size=1, group_kernel_size=1, gate_treshold=0.3),
+                     (2, 4, 6), False),
+    "batch1-odd": (dict(op_channel=16, group_kernel_size=3), (1, 5, 9), False),
+    "r4-g3-alpha0.75": (dict(op_channel=32, group_num=8, alpha=0.75, squeeze_radio=4, group_size=3,
+                             out_channels=15, gate_treshold=0.45), (2, 6, 6), True),
+    "s2-even-size-hard": (dict(op_channel=16, stride=2, gate="hard", torch_gn=False), (1, 8, 6), False),
+}
+
+
+def _pair(kw, device, dtype=torch.float64):
+    """Stage 2 (the default) and the reference with the same randomised parameters."""
+    fused = scconv_triton.SCConv(**kw, backend="triton")
+    with torch.no_grad():  # non-trivial values everywhere, so every term can fail
+        for p in fused.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+        fused.SRU.gn.weight.add_(1.0)
+    base = ref.SCConv(**kw)
+    base.load_state_dict(fused.state_dict())
+    return fused.to(device, dtype), base.to(device, dtype)
+
+
+def _input(kw, shape, cl, device, dtype):
+    n, h, w = shape
+    x = torch.randn(n, kw["op_channel"], h, w, dtype=dtype, device=device)
+    return x.contiguous(memory_format=torch.channels_last) if cl else x
+
+
+@contextlib.contextmanager
+def _ieee():
+    """fp32 convolutions and matmuls without TF32 (the reference's and stage 2's)."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _check(fused, base, x, tol):
+    g = torch.randn(base(x).shape, dtype=x.dtype, device=x.device)
+    with capture_launches(keep_args=False) as calls:
+        yf, dxf, gf = _run(fused, x, g)
+    names = [c.name for c in calls]
+    assert names[:5] == STAGE2, names  # stage 2 ran, not the stage-1 fallback
+    yr, dxr, gr = _run(base, x, g)
+    assert yf.shape == yr.shape and yf.dtype == yr.dtype
+    assert yf.is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(memory_format=torch.channels_last)
+    errs = {"out": rel(yf, yr), "dx": rel(dxf, dxr)}
+    for name in gr:
+        if gr[name] is None:  # hard gate: no gradient reaches the GroupNorm parameters
+            assert gf[name] is None, name
+            continue
+        assert gf[name] is not None and gf[name].shape == gr[name].shape, name
+        errs[name] = rel(gf[name], gr[name])
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, bad
+    return errs
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fp64_matches_reference(name, device):
+    kw, shape, cl = CONFIGS[name]
+    fused, base = _pair(kw, device)
+    _check(fused, base, _input(kw, shape, cl, device, torch.float64), TOL[torch.float64])
+
+
+@pytest.mark.parametrize("caps", [dict(_UP_TILE=256), dict(_HELD=0), dict(_UP_TILE=1024, _OUT_TILE=1024)],
+                         ids=["chunked", "streamed-weights", "small-tiles"])
+def test_fp64_every_conv_tiling_matches_reference(caps, device, monkeypatch):
+    # the register caps pick the conv's tiling; tighter caps force the other code paths at a
+    # small shape: input channels in chunks (CIGP < CIG), weights loaded per tile (HOLD off),
+    # many row / column tiles with their halos
+    for k_, v in caps.items():
+        monkeypatch.setattr(ks2, k_, v)
+    ks2.conv_plan.cache_clear()
+    try:
+        kw = dict(op_channel=128, group_size=2, stride=2, out_channels=40)
+        fused, base = _pair(kw, device)
+        x = _input(kw, (2, 11, 13), False, device, torch.float64)
+        plan = ks2.conv_plan(2, 11, 13, 3, 2, 2, 16, 20, 32, 32, 8, True)  # the module's shape
+        assert plan["N_RB"] * plan["N_WB"] > 1, plan
+        if caps.get("_UP_TILE") == 256:
+            assert plan["CIGP"] < 16, plan
+        if "_HELD" in caps:
+            assert not plan["HOLD"], plan
+        _check(fused, base, x, TOL[torch.float64])
+    finally:
+        monkeypatch.undo()
+        ks2.conv_plan.cache_clear()
+
+
+@pytest.mark.parametrize("name", ["default-cl", "alpha0.25-s2-k5", "pwc2-zero-s2-cl"])
+def test_fp32_ieee_matches_reference_where_gates_agree(name, device):
+    kw, shape, cl = CONFIGS[name]
+    fused, base = _pair(kw, device, torch.float32)
+    x = draw_away_from_gate(base.SRU, lambda: _input(kw, shape, cl, device, torch.float32), margin=1e-6, tries=20)
+    with _ieee():
+        _check(fused, base, x, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precisions_as_good_as_the_reference_in_that_dtype(dtype, device):
+    kw, shape, cl = CONFIGS["alpha0.75-g4-k7-s3-cl"]
+    fused, base = _pair(kw, device)
+    x64 = _input(kw, shape, cl, device, torch.float64)
+    g64 = torch.randn(base(x64).shape, dtype=torch.float64, device=device)
+    truth = _run(base, x64, g64)
+    base_lp = ref.SCConv(**kw).to(device, dtype)
+    base_lp.load_state_dict(base.state_dict())
+    lp = _run(base_lp, x64.to(dtype), g64.to(dtype))
+    with capture_launches(keep_args=False) as calls:
+        ours = _run(fused.to(dtype), x64.to(dtype), g64.to(dtype))
+    assert [c.name for c in calls][:5] == STAGE2
+    floor = {torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    assert ours[0].dtype == dtype
+    assert rel(ours[0], truth[0]) <= max(2 * rel(lp[0], truth[0]), floor)
+    assert rel(ours[1], truth[1]) <= max(2 * rel(lp[1], truth[1]), floor)
+    for name in truth[2]:
+        assert rel(ours[2][name], truth[2][name]) <= max(2 * rel(lp[2][name], truth[2][name]), 2 * floor), name
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_bitwise_deterministic(cl, device):
+    kw = dict(op_channel=16, stride=2)
+    fused, _ = _pair(kw, device, torch.float32)
+    x = _input(kw, (2, 9, 7), cl, device, torch.float32)
+    g = torch.randn(fused(x).shape, device=device)
+    a, b = _run(fused, x, g), _run(fused, x, g)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for name in a[2]:
+        assert torch.equal(a[2][name], b[2][name]), name
+
+
+def test_dot_flops_are_grouped_not_densified(device):
+    # benchmarks.meter counts 2*M*N*K of every tl.dot the interpreter runs, on whole blocks. One
+    # stage-2 forward at C=64, groups 2: the squeeze's FLOPs are SCConv's exactly; the conv's
+    # are SCConv's per computed lane (grouped GWC, PWC1, Y2's LSQ columns) times the lanes its
+    # tiles compute (a tile also computes the halo lanes it does not own, and pads the taps to
+    # pairs: at most 15% over), far below a densified GWC's on the same lanes.
+    if device != "cpu":
+        pytest.skip("counts the interpreter's dots")
+    from benchmarks.meter import Meter
+
+    n, c, h = 2, 64, 16  # 256 pixels: whole squeeze tiles
+    model = scconv_triton.SCConv(c, backend="triton").double()
+    with torch.no_grad(), Meter() as meter:
+        model(torch.randn(n, c, h, h, dtype=torch.float64))
+    flops = {r.name: r.flops for r in meter.by_kind("triton")}
+    sh = model.CRU.shape
+    g, usq, lsq, cout = sh.group_size, sh.up_sq, sh.low_sq, sh.out_channels
+    cig = usq // g
+    squeeze = 2 * n * h * h * (usq * sh.up + lsq * sh.low)
+    assert flops["_s2_squeeze_kernel"] == squeeze
+    plan = ks2.conv_plan(n, h, h, 3, 1, g, cig, cout // g, usq, lsq, sh.pwc2_out, True)
+    lanes = n * plan["N_RB"] * plan["N_WB"] * plan["BH"] * plan["BW"]
+    grouped = 2 * lanes * cout * (cig * 9 + usq + lsq)
+    dense = 2 * lanes * cout * (usq * 9 + usq + lsq)
+    assert grouped <= flops["_s2_conv_kernel"] <= 1.15 * grouped, (flops, grouped)
+    assert flops["_s2_conv_kernel"] < 0.7 * dense
+
+
+def test_stage_keyword(device):
+    with pytest.raises(ValueError, match="stage must be 1 or 2"):
+        scconv_triton.SCConv(16, stage=3)
+    kw = dict(op_channel=16, stride=2)
+    fused, _ = _pair(kw, device, torch.float32)
+    x = _input(kw, (2, 5, 6), False, device, torch.float32)
+    with capture_launches(keep_args=False) as calls:
+        fused(x)
+    assert [c.name for c in calls] == STAGE2
+    fused.stage = 1
+    with capture_launches(keep_args=False) as calls:
+        fused(x)
+    assert "_s2_conv_kernel" not in [c.name for c in calls]
