@@ -32,6 +32,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, 
 # (in channels, out channels, H=W, stride, dtype, channels_last (or "strided"), SCConv keywords)
 DEFAULT = {}
 VARIANT = {"gate": "hard", "softmax": "pairwise", "torch_gn": False}
+STAGE1 = {"stage": 1}
 CONFIGS = (
     [(64, 64, 56, 1, dt, cl, DEFAULT) for dt in DTYPES for cl in (False, True)]  # R50 layer1, every dtype
     + [(64, 64, 56, 1, dt, cl, VARIANT) for dt in ("fp32", "bf16", "fp64") for cl in (False, True)]
@@ -44,10 +45,37 @@ CONFIGS = (
     # the other upstream revisions: their SRU switches (MASK, ON, SOFTMAX) in every kernel
     + [(64, 64, 56, 1, dt, cl, {"revision": rev}) for rev in ("2023-09", "2023-07-27", "2023-07-22")
        for dt, cl in (("fp32", False), ("fp64", False), ("bf16", True), ("fp16", True))]
+    # stage 2's other variants: alpha != 1/2 (four squeeze dots), kernel sizes 1 / 5 / 7, four
+    # groups, fp32 without TF32 (torch.backends.cudnn.allow_tf32 off)
+    + [(64, 64, 56, 1, "fp32", False, {"alpha": 0.75, "group_size": 4, "group_kernel_size": 5})]
+    + [(64, 64, 28, 2, "bf16", True, {"alpha": 0.25, "group_kernel_size": 7, "squeeze_radio": 4})]
+    + [(64, 64, 14, 1, "fp16", False, {"group_kernel_size": 1, "gate": "hard"})]
+    + [(64, 64, 56, 1, "fp32", cl, {"tf32": False}) for cl in (False, True)]
+    # stage 1 (selectable, and the fallback): its forward kernels run only there
+    + [(64, 64, 56, 1, dt, cl, STAGE1) for dt in ("fp32", "bf16", "fp64") for cl in (False, True)]
+    + [(64, 64, 56, 1, "fp32", False, {**VARIANT, **STAGE1}), (256, 256, 28, 2, "fp32", True, STAGE1)]
+    + [(128, 32, 28, 1, "bf16", True, STAGE1)]
 )
 
 
 def _step(cin, cout, h, stride, dtype, cl, kw, device):
+    kw = dict(kw)
+    tf32 = kw.pop("tf32", True)
+    with _allow_tf32(tf32):
+        _run_step(cin, cout, h, stride, dtype, cl, kw, device)
+
+
+@contextlib.contextmanager
+def _allow_tf32(on: bool):
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+def _run_step(cin, cout, h, stride, dtype, cl, kw, device):
     m = scconv_triton.SCConv(cin, out_channels=cout, stride=stride, backend="triton", **kw)
     m = m.to(device=device, dtype=DTYPES[dtype])
     x = torch.randn(2, cin, h, h, device=device, dtype=DTYPES[dtype])
@@ -62,12 +90,18 @@ def _step(cin, cout, h, stride, dtype, cl, kw, device):
 
 def captured_specs(device):
     """AotSpecs of every distinct launch the CONFIGS' training steps make."""
+    from scconv_triton.kernels import stage2
+
     calls = []
-    for cfg in CONFIGS:
-        skip = skip_triton_launches() if interpreter_enabled() else contextlib.nullcontext()
-        with capture_launches() as got, skip:
-            _step(*cfg, device=device)
-        calls += got
+    stage2.AS_GPU = True  # dispatch as on a GPU (no fp64 stage 2 there)
+    try:
+        for cfg in CONFIGS:
+            skip = skip_triton_launches() if interpreter_enabled() else contextlib.nullcontext()
+            with capture_launches() as got, skip:
+                _step(*cfg, device=device)
+            calls += got
+    finally:
+        stage2.AS_GPU = False
     return unique_specs(calls)
 
 
@@ -123,7 +157,7 @@ def test_every_kernel_and_variant_is_covered(aot_results):
         for k, v in s.constexprs.items():
             if isinstance(v, bool):
                 flags.setdefault((s.target(), k), set()).add(v)
-    for name in ("SOFTMAX", "FLAT", "FP64", "TORCH_GN", "PAIRWISE", "HAS_LOW"):
+    for name in ("SOFTMAX", "FLAT", "FP64", "TORCH_GN", "PAIRWISE", "HAS_LOW", "HAS_P", "EVEN", "TF32", "HOLD"):
         seen = {v for (t, k), vals in flags.items() if k == name for v in vals}
         assert seen == {True, False}, f"constexpr {name} only compiled as {seen}"
     # the SRU's mask rule and operand (every upstream revision, and the 2023-10 hard gate)
