@@ -80,7 +80,7 @@ PROFILES = {
                  "compile-r50": 300, "compile-d121": 420},
         "total": 1800,
         "bench_ms": (25, 100),  # do_bench warm-up and repetition windows (triton's defaults)
-        "impls": "reference,ours,ours-rc,conv+bn",
+        "impls": "reference,ours,ours-s1,ours-rc,conv+bn",
         "configs": CONFIGS,
         "compile_configs": (("fp32", False), ("bf16", True)),
         "test_jobs": 4,
@@ -107,10 +107,10 @@ DRY = {"layer_batch": 2, "layer_shapes": "16@8", "net_batch": {"R50": 2, "D121":
 # achieved fraction; the per-step bytes are the CPU counts of RESULTS.md (in S, ResNet-50 layer1),
 # the FLOPs those of the convolutions. Compile and JIT times are guesses, not derived.
 H100 = {"bw": 0.8 * 3.35e12, "fp32": 0.4 * 495e12, "bf16": 0.4 * 990e12, "launch_s": 6e-6}
-STEP_S = {"reference": 130, "ours": 32, "ours-rc": 34, "conv+bn": 10, "compile": 40}
-LAUNCHES = {"reference": 69, "ours": 23, "ours-rc": 25, "conv+bn": 5, "compile": 15}
+STEP_S = {"reference": 130, "ours": 27, "ours-s1": 32, "ours-rc": 34, "conv+bn": 10, "compile": 40}
+LAUNCHES = {"reference": 69, "ours": 20, "ours-s1": 23, "ours-rc": 25, "conv+bn": 5, "compile": 15}
 JIT_S = 0.6                # one Triton kernel specialisation compiled and loaded
-JIT_PER_SHAPE = {"ours": 10, "ours-rc": 2}   # new specialisations per (layer shape, dtype, layout)
+JIT_PER_SHAPE = {"ours": 12, "ours-s1": 10, "ours-rc": 2}   # new specialisations per (layer shape, dtype, layout)
 INDUCTOR_LAYER_S = 20.0    # torch.compile of one SCConv layer's forward + backward
 INDUCTOR_NET_S = {"ResNet-50": 45, "SCConv-R50 (reference)": 120, "DenseNet-121": 90,
                   "SCConv-D121 (reference)": 240}

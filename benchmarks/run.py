@@ -11,8 +11,9 @@ layer) it compares, on one training step (forward + backward):
 
     reference   scconv_triton.reference.SCConv, eager PyTorch
     compile     torch.compile(reference)                 (GPU only)
-    ours        scconv_triton.SCConv(backend="triton")   (same state_dict)
-    ours-rc     scconv_triton.SCConv(..., recompute=True)
+    ours        scconv_triton.SCConv(backend="triton")   (same state_dict; stage 2, the default)
+    ours-s1     scconv_triton.SCConv(..., stage=1)       (stage 1: the SRU / CRU kernels around cuDNN)
+    ours-rc     scconv_triton.SCConv(..., stage=1, recompute=True)
     conv+bn     the Conv2d k x k (+ BatchNorm2d) that SCConv replaces
 
 Counted columns (benchmarks/meter.py; any machine): launches and bytes moved by
@@ -62,7 +63,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 from benchmarks.floor import DEFAULT_GPU, Roofline, detect_gpu, extrapolate_launches, find_gpu  # noqa: E402
 from benchmarks.meter import Launch, measure_step, memo_triton_launches, per_sample_from, tensor_bytes  # noqa: E402
 
-IMPLS = ("reference", "compile", "ours", "ours-rc", "conv+bn")
+IMPLS = ("reference", "compile", "ours", "ours-s1", "ours-rc", "conv+bn")  # ours: stage 2; -s1, -rc: stage 1
 COUNT_KEYS = ("fwd_launches", "fwd_bytes", "bwd_launches", "bwd_bytes", "saved_bytes",
               "fwd_triton_launches", "bwd_triton_launches", "fwd_flops", "bwd_flops", "fwd_ew_flops",
               "bwd_ew_flops")
@@ -133,7 +134,7 @@ def build(impl: str, cin: int, cout: int, stride: int, seed: int = 0, compile_fn
     if impl == "compile":
         return (compile_fn or torch.compile)(ref)
     mod = scconv_triton.SCConv(cin, out_channels=cout, stride=stride, backend="triton",
-                               recompute=(impl == "ours-rc"))
+                               recompute=(impl == "ours-rc"), stage=1 if impl in ("ours-s1", "ours-rc") else 2)
     mod.load_state_dict(ref.state_dict())
     return mod
 

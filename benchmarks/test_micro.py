@@ -16,7 +16,7 @@ from benchmarks import run as bench
 from benchmarks.conftest import DEVICE, bench_shape, sync
 from benchmarks.replay import capture_launches
 
-IMPLS = ["reference", "ours", "ours-rc", "conv+bn"]
+IMPLS = ["reference", "ours", "ours-s1", "ours-rc", "conv+bn"]
 _CAPTURED = {}
 
 

@@ -68,7 +68,7 @@ def fake_gpu(monkeypatch):
 
 
 def _assert_ours_counted(res, timed):
-    for impl in ("ours", "ours-rc"):
+    for impl in ("ours", "ours-s1", "ours-rc"):
         for r in [r for r in res["rows"] if r["impl"] == impl]:
             assert "error" not in r, r  # the fused path must run, not be reported as n/a
             assert r["fwd_launches"] > 0 and r["fwd_bytes"] > 0 and r["bwd_bytes"] > 0, r
@@ -82,7 +82,7 @@ def test_default_path_counts_and_prints(tmp_path):
     columns at batch 1; on a GPU also the timed ones at batch 64 (counts extrapolated from
     batch 1 and 2, counted in a CPU subprocess). torch.compile is left out on a GPU (its
     compile time; test_gpu_path_with_fake_timers covers that row)."""
-    impls = ["reference", "ours", "ours-rc", "conv+bn"]
+    impls = ["reference", "ours", "ours-s1", "ours-rc", "conv+bn"]
     out = io.StringIO()
     jpath = tmp_path / "r.json"
     res = bench.run(_args("--json", str(jpath), *(["--impls", ",".join(impls)] if ON_GPU else [])), stream=out)
@@ -302,7 +302,7 @@ def test_gpu_report(tmp_path):
     """The timed report on the GPU for real: bf16, channels_last, reference and ours, every
     row timed and counted, the card's name in the metadata (torch.compile's row is left to
     the GPU session: its compile time is not a test's)."""
-    impls = ["reference", "ours", "ours-rc", "conv+bn"]
+    impls = ["reference", "ours", "ours-s1", "ours-rc", "conv+bn"]
     out = io.StringIO()
     res = bench.run(_args("--device", "cuda", "--times", "--batch", "8", "--dtype", "bf16", "--channels-last",
                           "--impls", ",".join(impls), "--json", str(tmp_path / "g.json")), stream=out)
