@@ -16,6 +16,7 @@ from scconv_triton import reference as ref
 from scconv_triton.kernels import stage2 as ks2
 from scconv_triton.testing import capture_launches
 from _helpers import TOL, cpu_only, draw_away_from_gate, rel
+from test_scconv import _pair as _pair_cfg
 from test_scconv import _run
 
 STAGE2 = ["_sru_stats_partial_kernel", "_sru_stats_merge_kernel", "_s2_squeeze_kernel", "_s2_means_kernel",
@@ -44,14 +45,8 @@ CONFIGS = {
 
 def _pair(kw, device, dtype=torch.float64):
     """Stage 2 (the default) and the reference with the same randomised parameters."""
-    fused = scconv_triton.SCConv(**kw, backend="triton")
-    with torch.no_grad():  # non-trivial values everywhere, so every term can fail
-        for p in fused.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-        fused.SRU.gn.weight.add_(1.0)
-    base = ref.SCConv(**kw)
-    base.load_state_dict(fused.state_dict())
-    return fused.to(device, dtype), base.to(device, dtype)
+    fused, base, _ = _pair_cfg(kw, device, dtype)
+    return fused, base
 
 
 def _input(kw, shape, cl, device, dtype):
