@@ -40,7 +40,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import acc, acc_dtype, cdiv, launcher, np2, pix_off, pixel_layout, split_float, strides4
+from ._launch import (
+    acc, acc_dtype, cdiv, channels_fastest, launcher, memory_format, np2, pix_off, pixel_layout, split_float,
+    strides4,
+)
 from .cru import _softmax_coeffs, _softmax_stats
 from .sru import _block_w, _get_wnorm, _pair_s, _pair_tile, _switches
 
@@ -572,7 +575,7 @@ def stage2_forward(x, mean, rstd, wsum, gn_w, gn_b, w_sq1, w_sq2, w_gwc, b_gwc, 
     hw, half = H * W, C // 2
     fp64 = x.dtype == torch.float64
     adt = acc_dtype(x.dtype)
-    mf = torch.channels_last if (x.stride(1) == 1 and C > 1 and x.stride(3) != 1) else torch.contiguous_format
+    mf = memory_format(channels_fastest(x))
     kw = dict(device=x.device, dtype=x.dtype, memory_format=mf)
     up = torch.empty((N, usq, H, W), **kw)
     low = torch.empty((N, lsq, H, W), **kw)

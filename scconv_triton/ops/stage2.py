@@ -12,7 +12,7 @@ import torch
 
 from ..kernels import sru as _ks
 from ..kernels import stage2 as _k
-from ..kernels._launch import acc_dtype, memory_format
+from ..kernels._launch import acc_dtype, channels_fastest, memory_format
 from ._dispatch import eager_direct
 from .scconv import SCConvFunction
 from .sru import gate_mode
@@ -45,7 +45,7 @@ def _fwd_fake(x, gn_w, gn_b, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, group_n
     n, c, h, w = x.shape
     cout = w_gwc.shape[0]
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
-    cl = x.stride(1) == 1 and c > 1 and x.stride(3) != 1
+    cl = channels_fastest(x)
     kw = dict(dtype=x.dtype, device=x.device, memory_format=memory_format(cl))
     adt = acc_dtype(x.dtype)
     return (
