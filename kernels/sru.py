@@ -60,7 +60,7 @@ from ._launch import (
 
 from .._config import MASKS, OPERANDS, SRUMath
 
-__all__ = ["sru_stats", "sru_apply", "sru_backward"]
+__all__ = ["sru_stats", "sru_apply", "sru_backward", "sru_reduce"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -213,21 +213,98 @@ def _reweight(x, mu, rs, gam, bet, wg):
 
 
 @triton.jit
+def _pair_x(x_ptr, xo, sx_c, c, cp, m, FP64: tl.constexpr):
+    """x of the channel pairs (c, cp) of a [BC, BP] tile at pixel offsets xo, accumulation dtype."""
+    xa = acc(tl.load(x_ptr + xo + c.to(tl.int64)[:, None] * sx_c, mask=m, other=0.0), FP64)
+    xb = acc(tl.load(x_ptr + xo + cp.to(tl.int64)[:, None] * sx_c, mask=m, other=0.0), FP64)
+    return xa, xb
+
+
+@triton.jit
+def _pair_gate(xa, xb, n, c, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, tau,
+               MASK: tl.constexpr, ON: tl.constexpr, SOFTMAX: tl.constexpr, FP64: tl.constexpr):
+    """(s_c, s_cp, xhat_c, r_c, w_c, xhat_cp, r_cp, w_cp) of the channel pairs (c, cp = c + HALF)
+    from their x: gates both halves and cross-reconstructs (s_c = x1_c + x2_cp,
+    s_cp = x1_cp + x2_c). The backward kernels need xhat, r and w beside s."""
+    mu, rs, gam, bet, wga = _channel_params(n, c, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, SOFTMAX, FP64)
+    xha, ra = _reweight(xa, mu, rs, gam, bet, wga)
+    a1, a2 = _gate(xa, xha, ra, gam, bet, wga, tau, MASK, ON)
+    mu, rs, gam, bet, wgb = _channel_params(n, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, SOFTMAX, FP64)
+    xhb, rb = _reweight(xb, mu, rs, gam, bet, wgb)
+    b1, b2 = _gate(xb, xhb, rb, gam, bet, wgb, tau, MASK, ON)
+    return a1 + b2, b1 + a2, xha, ra, wga, xhb, rb, wgb
+
+
+@triton.jit
 def _pair_s(x_ptr, xo, sx_c, n, c, cp, mc, m, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, tau,
             MASK: tl.constexpr, ON: tl.constexpr, SOFTMAX: tl.constexpr, FP64: tl.constexpr):
     """s of the channel pairs (c, cp = c + HALF) of a [BC, BP] tile, in the accumulation dtype:
-    loads x at pixel offsets xo + channel * sx_c (mask m), gates both halves and
-    cross-reconstructs (s_c = x1_c + x2_cp, s_cp = x1_cp + x2_c). Shared by the SRU forward and
-    the stage-2 squeeze's prologue (kernels/stage2.py)."""
-    xa = acc(tl.load(x_ptr + xo + c.to(tl.int64)[:, None] * sx_c, mask=m, other=0.0), FP64)
-    xb = acc(tl.load(x_ptr + xo + cp.to(tl.int64)[:, None] * sx_c, mask=m, other=0.0), FP64)
-    mu, rs, gam, bet, wg = _channel_params(n, c, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, SOFTMAX, FP64)
-    xha, ra = _reweight(xa, mu, rs, gam, bet, wg)
-    a1, a2 = _gate(xa, xha, ra, gam, bet, wg, tau, MASK, ON)
-    mu, rs, gam, bet, wg = _channel_params(n, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, SOFTMAX, FP64)
-    xhb, rb = _reweight(xb, mu, rs, gam, bet, wg)
-    b1, b2 = _gate(xb, xhb, rb, gam, bet, wg, tau, MASK, ON)
-    return a1 + b2, b1 + a2
+    loads x at pixel offsets xo + channel * sx_c (mask m), then _pair_gate. Shared by the SRU
+    forward and the stage-2 squeeze's prologue (kernels/stage2.py)."""
+    xa, xb = _pair_x(x_ptr, xo, sx_c, c, cp, m, FP64)
+    sa, sb, _xha, _ra, _wga, _xhb, _rb, _wgb = _pair_gate(
+        xa, xb, n, c, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, tau, MASK, ON, SOFTMAX, FP64)
+    return sa, sb
+
+
+@triton.jit
+def _pair_dx(xa, xb, dsa, dsb, n, c, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, a_ptr, bsum_ptr, G, CG, wn, tau,
+             M, eps_hi, eps_lo, MASK: tl.constexpr, ON: tl.constexpr, SOFTMAX: tl.constexpr,
+             TORCH_GN: tl.constexpr, FP64: tl.constexpr):
+    """(dx_c, dx_cp) of the channel pairs (c, cp = c + HALF) of a [BC, BP] tile from their x and
+    ds (accumulation dtype), the stats and the group sums A, B (a_ptr, bsum_ptr, (N, G); unused
+    for binary masks on x). M: group size; eps = eps_hi + eps_lo. Shared by the SRU's dx kernel
+    and the stage-2 squeeze backward (kernels/stage2.py)."""
+    mua, rsa, gama, beta_, wga = _channel_params(n, c, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, SOFTMAX, FP64)
+    mub, rsb, gamb, betb, wgb = _channel_params(n, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, SOFTMAX, FP64)
+    xha, ra = _reweight(xa, mua, rsa, gama, beta_, wga)
+    xhb, rb = _reweight(xb, mub, rsb, gamb, betb, wgb)
+    if MASK != 0 and ON == 0:
+        w1a = _mask1(ra, wga, tau, MASK)
+        w1b = _mask1(rb, wgb, tau, MASK)
+        dxa = w1a * dsa + (1.0 - w1a) * dsb
+        dxb = w1b * dsb + (1.0 - w1b) * dsa
+    else:
+        if MASK == 0:
+            dsum = dsa + dsb
+            dxa = tl.where(ra > tau, dsa, ra * dsum)
+            dxb = tl.where(rb > tau, dsb, rb * dsum)
+            ka_ = wga
+            kb_ = wgb
+        elif ON == 1:  # masks on gn(x): everything flows through the GroupNorm
+            dxa = tl.zeros_like(xa)
+            dxb = tl.zeros_like(xb)
+            ka_ = tl.zeros_like(wga) + 1.0
+            kb_ = ka_
+        else:  # masks on r * x: the direct part is r * (M1 ds_c + M2 ds_partner)
+            w1a = _mask1(ra, wga, tau, MASK)
+            w1b = _mask1(rb, wgb, tau, MASK)
+            dxa = ra * (w1a * dsa + (1.0 - w1a) * dsb)
+            dxb = rb * (w1b * dsb + (1.0 - w1b) * dsa)
+            ka_ = wga
+            kb_ = wgb
+        dza = _grad_z(xa, ra, wga, dsa, dsb, tau, MASK, ON)
+        dzb = _grad_z(xb, rb, wgb, dsb, dsa, tau, MASK, ON)
+        mf = acc(M, FP64)
+        eps = acc(eps_hi, FP64) + acc(eps_lo, FP64)
+        ga = n * G + c // CG
+        gb = n * G + cp // CG
+        aa = acc(tl.load(a_ptr + ga, mask=mc, other=0.0), FP64)
+        ba = acc(tl.load(bsum_ptr + ga, mask=mc, other=0.0), FP64)
+        ab = acc(tl.load(a_ptr + gb, mask=mc, other=0.0), FP64)
+        bb = acc(tl.load(bsum_ptr + gb, mask=mc, other=0.0), FP64)
+        if TORCH_GN:
+            ka = rsa / mf
+            kb = rsb / mf
+        else:
+            # d std / d x_i = (x_i - mean) / ((M - 1) std), std = 1 / rstd - eps
+            sta = 1.0 / tl.where(mc, rsa, 1.0) - eps
+            stb = 1.0 / tl.where(mc, rsb, 1.0) - eps
+            ka = tl.where(sta > 0, 1.0 / ((mf - 1.0) * tl.where(sta > 0, sta, 1.0)), 0.0)
+            kb = tl.where(stb > 0, 1.0 / ((mf - 1.0) * tl.where(stb > 0, stb, 1.0)), 0.0)
+        dxa += rsa[:, None] * (dza * (ka_ * gama)[:, None] - (ba / mf)[:, None]) - (ka * aa)[:, None] * xha
+        dxb += rsb[:, None] * (dzb * (kb_ * gamb)[:, None] - (bb / mf)[:, None]) - (kb * ab)[:, None] * xhb
+    return dxa, dxb
 
 
 # ----------------------------------------------------------------------------------------
@@ -406,8 +483,6 @@ def _sru_bwd_partial_kernel(
     cp = c + HALF
     mc = c < HALF
     n64 = n.to(tl.int64)
-    c64 = c.to(tl.int64)[:, None]
-    cp64 = cp.to(tl.int64)[:, None]
     wn = _weight_norm(w_ptr, C, SOFTMAX, FP64, BLOCK_W)
     tau = acc(tau_hi, FP64) + acc(tau_lo, FP64)
     mua, rsa, gama, beta_, wga = _channel_params(n, c, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, SOFTMAX, FP64)
@@ -425,10 +500,8 @@ def _sru_bwd_partial_kernel(
         p64 = p.to(tl.int64)
         xo = pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
         do = pix_off(p64, W, sd_h, sd_w, FLAT)[None, :] + n64 * sd_n
-        xa = acc(tl.load(x_ptr + xo + c64 * sx_c, mask=m, other=0.0), FP64)
-        xb = acc(tl.load(x_ptr + xo + cp64 * sx_c, mask=m, other=0.0), FP64)
-        dsa = acc(tl.load(ds_ptr + do + c64 * sd_c, mask=m, other=0.0), FP64)
-        dsb = acc(tl.load(ds_ptr + do + cp64 * sd_c, mask=m, other=0.0), FP64)
+        xa, xb = _pair_x(x_ptr, xo, sx_c, c, cp, m, FP64)
+        dsa, dsb = _pair_x(ds_ptr, do, sd_c, c, cp, m, FP64)
         xha, ra = _reweight(xa, mua, rsa, gama, beta_, wga)
         xhb, rb = _reweight(xb, mub, rsb, gamb, betb, wgb)
         dza = _grad_z(xa, ra, wga, dsa, dsb, tau, MASK, ON)
@@ -580,59 +653,10 @@ def _sru_bwd_dx_kernel(
 
     xo = pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
     do = pix_off(p64, W, sd_h, sd_w, FLAT)[None, :] + n64 * sd_n
-    xa = acc(tl.load(x_ptr + xo + c64 * sx_c, mask=m, other=0.0), FP64)
-    xb = acc(tl.load(x_ptr + xo + cp64 * sx_c, mask=m, other=0.0), FP64)
-    dsa = acc(tl.load(ds_ptr + do + c64 * sd_c, mask=m, other=0.0), FP64)
-    dsb = acc(tl.load(ds_ptr + do + cp64 * sd_c, mask=m, other=0.0), FP64)
-    mua, rsa, gama, beta_, wga = _channel_params(n, c, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, SOFTMAX, FP64)
-    mub, rsb, gamb, betb, wgb = _channel_params(n, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, SOFTMAX, FP64)
-    xha, ra = _reweight(xa, mua, rsa, gama, beta_, wga)
-    xhb, rb = _reweight(xb, mub, rsb, gamb, betb, wgb)
-    if MASK != 0 and ON == 0:
-        w1a = _mask1(ra, wga, tau, MASK)
-        w1b = _mask1(rb, wgb, tau, MASK)
-        dxa = w1a * dsa + (1.0 - w1a) * dsb
-        dxb = w1b * dsb + (1.0 - w1b) * dsa
-    else:
-        if MASK == 0:
-            dsum = dsa + dsb
-            dxa = tl.where(ra > tau, dsa, ra * dsum)
-            dxb = tl.where(rb > tau, dsb, rb * dsum)
-            ka_ = wga
-            kb_ = wgb
-        elif ON == 1:  # masks on gn(x): everything flows through the GroupNorm
-            dxa = tl.zeros_like(xa)
-            dxb = tl.zeros_like(xb)
-            ka_ = tl.zeros_like(wga) + 1.0
-            kb_ = ka_
-        else:  # masks on r * x: the direct part is r * (M1 ds_c + M2 ds_partner)
-            w1a = _mask1(ra, wga, tau, MASK)
-            w1b = _mask1(rb, wgb, tau, MASK)
-            dxa = ra * (w1a * dsa + (1.0 - w1a) * dsb)
-            dxb = rb * (w1b * dsb + (1.0 - w1b) * dsa)
-            ka_ = wga
-            kb_ = wgb
-        dza = _grad_z(xa, ra, wga, dsa, dsb, tau, MASK, ON)
-        dzb = _grad_z(xb, rb, wgb, dsb, dsa, tau, MASK, ON)
-        mf = acc(M, FP64)
-        eps = acc(eps_hi, FP64) + acc(eps_lo, FP64)
-        ga = n * G + c // CG
-        gb = n * G + cp // CG
-        aa = acc(tl.load(a_ptr + ga, mask=mc, other=0.0), FP64)
-        ba = acc(tl.load(bsum_ptr + ga, mask=mc, other=0.0), FP64)
-        ab = acc(tl.load(a_ptr + gb, mask=mc, other=0.0), FP64)
-        bb = acc(tl.load(bsum_ptr + gb, mask=mc, other=0.0), FP64)
-        if TORCH_GN:
-            ka = rsa / mf
-            kb = rsb / mf
-        else:
-            # d std / d x_i = (x_i - mean) / ((M - 1) std), std = 1 / rstd - eps
-            sta = 1.0 / tl.where(mc, rsa, 1.0) - eps
-            stb = 1.0 / tl.where(mc, rsb, 1.0) - eps
-            ka = tl.where(sta > 0, 1.0 / ((mf - 1.0) * tl.where(sta > 0, sta, 1.0)), 0.0)
-            kb = tl.where(stb > 0, 1.0 / ((mf - 1.0) * tl.where(stb > 0, stb, 1.0)), 0.0)
-        dxa += rsa[:, None] * (dza * (ka_ * gama)[:, None] - (ba / mf)[:, None]) - (ka * aa)[:, None] * xha
-        dxb += rsb[:, None] * (dzb * (kb_ * gamb)[:, None] - (bb / mf)[:, None]) - (kb * ab)[:, None] * xhb
+    xa, xb = _pair_x(x_ptr, xo, sx_c, c, cp, m, FP64)
+    dsa, dsb = _pair_x(ds_ptr, do, sd_c, c, cp, m, FP64)
+    dxa, dxb = _pair_dx(xa, xb, dsa, dsb, n, c, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, a_ptr, bsum_ptr, G, CG,
+                        wn, tau, M, eps_hi, eps_lo, MASK, ON, SOFTMAX, TORCH_GN, FP64)
     go = pix_off(p64, W, sg_h, sg_w, FLAT)[None, :] + n64 * sg_n
     gdt = dx_ptr.dtype.element_ty
     tl.store(dx_ptr + go + c64 * sg_c, dxa.to(gdt), mask=m)
@@ -767,6 +791,43 @@ def sru_apply(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: t
     return out
 
 
+def sru_reduce(p: torch.Tensor, q: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, N: int, C: int, G: int,
+               split: int, mode: int, want_params: bool):
+    """The SRU backward's reductions of the per-(sample, split) sums P = sum dz, Q = sum dz xhat
+    (p, q: (N * split, C), accumulation dtype; row n * split + s): returns (A, B, wsum, d gamma,
+    d beta), A and B (N, G) the group sums the dx kernels take, wsum (2,) w's (denom, shift),
+    d gamma / d beta (C,) in weight's dtype (None unless ``want_params``).
+    Launches _sru_bwd_reduce_kernel, and _sru_bwd_finalize_kernel for d gamma. Fixed order."""
+    adt, dev = p.dtype, p.device
+    fp64 = adt == torch.float64
+    sw = _switches(mode)
+    CG = C // G
+    bw = _block_w(C)
+    a = torch.empty((N, G), device=dev, dtype=adt)
+    wsum = torch.empty((2,), device=dev, dtype=adt)
+    bsum = torch.empty((N, G), device=dev, dtype=adt)
+    dweight = torch.empty(C, device=dev, dtype=weight.dtype) if want_params else None
+    dbias = torch.empty(C, device=dev, dtype=weight.dtype) if want_params else None
+    bcr = min(np2(C), 128)
+    n_crb = cdiv(C, bcr) if want_params else 0
+    xg = torch.empty(C, device=dev, dtype=adt) if want_params else a
+    t = torch.empty(max(n_crb, 1), device=dev, dtype=adt)
+    bj = min(np2(CG), 64)
+    bg = min(np2(G), max(1, 256 // bj))
+    _sru_bwd_reduce_kernel[(N + n_crb,)](
+        p, q, weight, bias, a, bsum, dbias if want_params else a, xg, t, wsum,
+        N, C, G, CG, split,
+        ON=sw["ON"], SOFTMAX=sw["SOFTMAX"], FP64=fp64, BG=bg, BJ=bj, BR=min(np2(N * split), 8), BCR=bcr, BLOCK_W=bw,
+        num_warps=NUM_WARPS,
+    )
+    if want_params:
+        _sru_bwd_finalize_kernel[(1,)](
+            xg, t, weight, dweight, C, n_crb,
+            SOFTMAX=sw["SOFTMAX"], FP64=fp64, BLOCK_T=np2(n_crb), BLOCK_W=bw, num_warps=NUM_WARPS,
+        )
+    return a, bsum, wsum, dweight, dbias
+
+
 @launcher
 def sru_backward(ds: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                  weight: torch.Tensor, bias: torch.Tensor, tau: float, mode: int, torch_gn: bool,
@@ -796,14 +857,13 @@ def sru_backward(ds: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: to
     gn_grad = SRUMath.from_code(mode).param_grad  # a gradient reaches the GroupNorm
     want_params = bool(needs_input_grad_params) and gn_grad
     dx = torch.empty_like(x) if needs_input_grad_x else None
-    dweight = torch.empty(C, device=x.device, dtype=weight.dtype) if want_params else None
-    dbias = torch.empty(C, device=x.device, dtype=weight.dtype) if want_params else None
+    dweight = dbias = None
     if x.numel() == 0:
         if dx is not None:
             dx.zero_()
         if want_params:
-            dweight.zero_()
-            dbias.zero_()
+            dweight = torch.zeros(C, device=x.device, dtype=weight.dtype)
+            dbias = torch.zeros(C, device=x.device, dtype=weight.dtype)
         return dx, dweight, dbias
     bc, bp, warps = stream_tiles(x, half, HW, tile)
     n_cb, n_pb = cdiv(half, bc), cdiv(HW, bp)
@@ -828,26 +888,7 @@ def sru_backward(ds: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: to
             # (softmax weighting, r * x) to 252 registers at the streaming kernels' warps
             **sw, FLAT=flat, FP64=fp64, BC=bc, BP=bp, BLOCK_W=bw, num_warps=2 * warps,
         )
-        a = torch.empty((N, G), device=x.device, dtype=adt)
-        wsum = torch.empty((2,), device=x.device, dtype=adt)
-        bsum = torch.empty((N, G), device=x.device, dtype=adt)
-        bcr = min(np2(C), 128)
-        n_crb = cdiv(C, bcr) if want_params else 0
-        xg = torch.empty(C, device=x.device, dtype=adt) if want_params else a
-        t = torch.empty(max(n_crb, 1), device=x.device, dtype=adt)
-        bj = min(np2(CG), 64)
-        bg = min(np2(G), max(1, 256 // bj))
-        _sru_bwd_reduce_kernel[(N + n_crb,)](
-            p, q, weight, bias, a, bsum, dbias if want_params else a, xg, t, wsum,
-            N, C, G, CG, split,
-            ON=sw["ON"], SOFTMAX=sw["SOFTMAX"], FP64=fp64, BG=bg, BJ=bj, BR=min(np2(N * split), 8), BCR=bcr, BLOCK_W=bw,
-            num_warps=NUM_WARPS,
-        )
-        if want_params:
-            _sru_bwd_finalize_kernel[(1,)](
-                xg, t, weight, dweight, C, n_crb,
-                SOFTMAX=sw["SOFTMAX"], FP64=fp64, BLOCK_T=np2(n_crb), BLOCK_W=bw, num_warps=NUM_WARPS,
-            )
+        a, bsum, wsum, dweight, dbias = sru_reduce(p, q, weight, bias, N, C, G, split, mode, want_params)
     if needs_input_grad_x:
         (sx, sd, sg), flat = pixel_layout([x, ds, dx])
         _sru_bwd_dx_kernel[(N * n_cb * n_pb,)](

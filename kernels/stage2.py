@@ -45,9 +45,13 @@ from ._launch import (
     strides4,
 )
 from .cru import _softmax_coeffs, _softmax_stats
-from .sru import _block_w, _get_wnorm, _pair_s, _pair_tile, _switches
+from .sru import (
+    _block_w, _get_wnorm, _grad_z, _pair_dx, _pair_gate, _pair_s, _pair_tile, _pair_x, _switches,
+    sru_reduce,
+)
+from .._config import SRUMath
 
-__all__ = ["stage2_forward", "supports", "conv_plan", "AS_GPU"]
+__all__ = ["stage2_forward", "stage2_squeeze", "stage2_squeeze_backward", "supports", "conv_plan", "AS_GPU"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -412,6 +416,206 @@ def _s2_conv_kernel(
 
 
 # ----------------------------------------------------------------------------------------
+# backward kernels: the squeeze and the SRU, s and ds rebuilt in registers
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _sq_out_grads(du_ptr, dl_ptr, did_ptr, n64, p64, mp, W, STRIDE, USQ, LSQ,
+                  sdu_n, sdu_c, sdu_h, sdu_w, sdl_n, sdl_c, sdl_h, sdl_w, sdi_n, sdi_c, sdi_h, sdi_w,
+                  HAS_DL: tl.constexpr, FLAT: tl.constexpr, FP64: tl.constexpr, BU: tl.constexpr,
+                  BL: tl.constexpr):
+    """(d_up [BU, BP], d_low [BL, BP]) of a pixel tile in d_up's dtype (the squeeze's dot operands):
+    d_low = PWC2's input gradient (dl_ptr, when HAS_DL) + the identity branch's gradient
+    (did_ptr, (N, LSQ, Ho, Wo)) at the strided positions, summed in the accumulation dtype."""
+    ou = tl.arange(0, BU)
+    ol = tl.arange(0, BL)
+    ml = (ol < LSQ)[:, None]
+    duo = pix_off(p64, W, sdu_h, sdu_w, FLAT)[None, :] + n64 * sdu_n
+    du = tl.load(du_ptr + duo + ou.to(tl.int64)[:, None] * sdu_c, mask=(ou < USQ)[:, None] & mp[None, :], other=0.0)
+    hh = p64 // W
+    ww = p64 % W
+    on_grid = mp & (hh % STRIDE == 0) & (ww % STRIDE == 0)
+    dio = ((hh // STRIDE) * sdi_h + (ww // STRIDE) * sdi_w)[None, :] + n64 * sdi_n
+    dl = acc(tl.load(did_ptr + dio + ol.to(tl.int64)[:, None] * sdi_c, mask=ml & on_grid[None, :], other=0.0), FP64)
+    if HAS_DL:
+        dlo = pix_off(p64, W, sdl_h, sdl_w, FLAT)[None, :] + n64 * sdl_n
+        dl += acc(tl.load(dl_ptr + dlo + ol.to(tl.int64)[:, None] * sdl_c, mask=ml & mp[None, :], other=0.0), FP64)
+    return du, dl.to(du.dtype)
+
+
+@triton.jit
+def _sq_wt(w_ptr, ch, mch, o, mo, LD):
+    """[BK, BO] transposed squeeze-weight block: w[o, ch] (w_ptr (BO rows, LD columns)), 0 off mch."""
+    return tl.load(w_ptr + ch[:, None] + o[None, :] * LD, mask=mch[:, None] & mo[None, :], other=0.0)
+
+
+@triton.jit
+def _sq_ds(w1_ptr, w2_ptr, du, dl, c, cp, mc, U, L, USQ, LSQ, zero, EVEN: tl.constexpr, TF32: tl.constexpr):
+    """(ds_c, ds_cp) [BK, BP] of the channel pairs (c, cp = c + HALF): the squeezes' input gradient
+    Wsq^T [d_up; d_low] (channel ch < U is up's column ch, else low's column ch - U)."""
+    ou = tl.arange(0, du.shape[0])
+    ol = tl.arange(0, dl.shape[0])
+    mu_ = ou < USQ
+    ml_ = ol < LSQ
+    if EVEN:  # c < U <= cp
+        dsa = _mma(_sq_wt(w1_ptr, c, mc, ou, mu_, U), du, zero, TF32)
+        dsb = _mma(_sq_wt(w2_ptr, c, mc, ol, ml_, L), dl, zero, TF32)
+    else:
+        dsa = _mma(_sq_wt(w1_ptr, c, mc & (c < U), ou, mu_, U), du, zero, TF32)
+        dsa = _mma(_sq_wt(w2_ptr, c - U, mc & (c >= U), ol, ml_, L), dl, dsa, TF32)
+        dsb = _mma(_sq_wt(w1_ptr, cp, mc & (cp < U), ou, mu_, U), du, zero, TF32)
+        dsb = _mma(_sq_wt(w2_ptr, cp - U, mc & (cp >= U), ol, ml_, L), dl, dsb, TF32)
+    return dsa, dsb
+
+
+@triton.jit
+def _sq_wgrad_store(row_ptr, g, o, mo, ch, mch, LD):
+    """Store a [BO, BK] block of a squeeze weight's per-tile gradient at row_ptr[o * LD + ch]."""
+    tl.store(row_ptr + o[:, None] * LD + ch[None, :], g, mask=mo[:, None] & mch[None, :])
+
+
+@triton.jit
+def _s2_sq_bwd_kernel(
+    x_ptr, mean_ptr, rstd_ptr, gw_ptr, gb_ptr, w1_ptr, w2_ptr, du_ptr, dl_ptr, did_ptr, p_ptr, q_ptr, dw_ptr,
+    C, HALF, U, USQ, LSQ, W, HW, G, CG, STRIDE,
+    sx_n, sx_c, sx_h, sx_w,
+    sdu_n, sdu_c, sdu_h, sdu_w,
+    sdl_n, sdl_c, sdl_h, sdl_w,
+    sdi_n, sdi_c, sdi_h, sdi_w,
+    tau_hi, tau_lo, N_PB,
+    MASK: tl.constexpr, ON: tl.constexpr, SOFTMAX: tl.constexpr, GN_GRAD: tl.constexpr, HAS_DL: tl.constexpr,
+    FLAT: tl.constexpr, FP64: tl.constexpr, EVEN: tl.constexpr, TF32: tl.constexpr,
+    BU: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """Squeeze + SRU backward, pass 1, for BP pixels of sample n: s rebuilt from x (_pair_gate),
+    ds = Wsq^T [d_up; d_low] in registers (_sq_ds), never stored.
+
+    Writes per pixel tile (row pid = n N_PB + tile): the squeeze weights' gradient
+    dw_ptr (N N_PB, USQ U + LSQ (C - U)) = [d_up s[:U]^T, d_low s[U:]^T] (s in x's dtype, as the
+    forward's squeeze saw it) and, when GN_GRAD, the SRU's P = sum dz and Q = sum dz xhat into
+    p_ptr / q_ptr (N N_PB, C) (kernels/sru.py's _sru_bwd_reduce_kernel layout, SPLIT = N_PB).
+    du_ptr (N, USQ, H, W), dl_ptr (N, LSQ, H, W) (read when HAS_DL), did_ptr (N, LSQ, Ho, Wo): the
+    squeezed tensors' gradients (_sq_out_grads). Other arguments as _s2_squeeze_kernel's.
+    Grid (N * N_PB,).
+    """
+    pid = tl.program_id(0)
+    n, n64, cb, _cp, _mc, _m, p64 = _pair_tile(pid, HALF, HW, 1, N_PB, BK, BP)
+    mp = p64 < HW
+    wn = _get_wnorm(gw_ptr, gw_ptr, C, False, SOFTMAX, FP64, BLOCK_W)
+    tau = acc(tau_hi, FP64) + acc(tau_lo, FP64)
+    xo = pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
+    xdt = x_ptr.dtype.element_ty
+    L = C - U
+    du, dl = _sq_out_grads(du_ptr, dl_ptr, did_ptr, n64, p64, mp, W, STRIDE, USQ, LSQ,
+                           sdu_n, sdu_c, sdu_h, sdu_w, sdl_n, sdl_c, sdl_h, sdl_w, sdi_n, sdi_c, sdi_h, sdi_w,
+                           HAS_DL, FLAT, FP64, BU, BL)
+    ou = tl.arange(0, BU)
+    ol = tl.arange(0, BL)
+    mu_ = ou < USQ
+    ml_ = ol < LSQ
+    zero = acc(tl.zeros([BK, BP], tl.float32), FP64)
+    zu = acc(tl.zeros([BU, BK], tl.float32), FP64)
+    zl = acc(tl.zeros([BL, BK], tl.float32), FP64)
+    row = dw_ptr + pid.to(tl.int64) * (USQ * U + LSQ * L)
+    row2 = row + USQ * U
+    for k0 in range(0, HALF, BK):
+        c = k0 + cb
+        cp = c + HALF
+        mc = c < HALF
+        m = mc[:, None] & mp[None, :]
+        xa, xb = _pair_x(x_ptr, xo, sx_c, c, cp, m, FP64)
+        sa, sb, xha, ra, wga, xhb, rb, wgb = _pair_gate(
+            xa, xb, n, c, cp, mc, mean_ptr, rstd_ptr, gw_ptr, gb_ptr, G, CG, wn, tau, MASK, ON, SOFTMAX, FP64)
+        sa = tl.trans(sa.to(xdt))
+        sb = tl.trans(sb.to(xdt))
+        if EVEN:
+            _sq_wgrad_store(row, _mma(du, sa, zu, TF32), ou, mu_, c, mc, U)
+            _sq_wgrad_store(row2, _mma(dl, sb, zl, TF32), ol, ml_, c, mc, L)
+        else:
+            _sq_wgrad_store(row, _mma(du, sa, zu, TF32), ou, mu_, c, mc & (c < U), U)
+            _sq_wgrad_store(row2, _mma(dl, sa, zl, TF32), ol, ml_, c - U, mc & (c >= U), L)
+            _sq_wgrad_store(row, _mma(du, sb, zu, TF32), ou, mu_, cp, mc & (cp < U), U)
+            _sq_wgrad_store(row2, _mma(dl, sb, zl, TF32), ol, ml_, cp - U, mc & (cp >= U), L)
+        if GN_GRAD:
+            dsa, dsb = _sq_ds(w1_ptr, w2_ptr, du, dl, c, cp, mc, U, L, USQ, LSQ, zero, EVEN, TF32)
+            dza = _grad_z(xa, ra, wga, dsa, dsb, tau, MASK, ON)
+            dzb = _grad_z(xb, rb, wgb, dsb, dsa, tau, MASK, ON)
+            prow = pid.to(tl.int64) * C
+            tl.store(p_ptr + prow + c, tl.sum(dza, axis=1), mask=mc)
+            tl.store(q_ptr + prow + c, tl.sum(dza * xha, axis=1), mask=mc)
+            tl.store(p_ptr + prow + cp, tl.sum(dzb, axis=1), mask=mc)
+            tl.store(q_ptr + prow + cp, tl.sum(dzb * xhb, axis=1), mask=mc)
+
+
+@triton.jit
+def _s2_sq_dx_kernel(
+    x_ptr, mean_ptr, rstd_ptr, gw_ptr, gb_ptr, wsum_ptr, a_ptr, bsum_ptr, w1_ptr, w2_ptr, du_ptr, dl_ptr,
+    did_ptr, dx_ptr, dwp_ptr, dw1_ptr, dw2_ptr,
+    C, HALF, U, USQ, LSQ, W, HW, G, CG, M, eps_hi, eps_lo, STRIDE,
+    sx_n, sx_c, sx_h, sx_w,
+    sdu_n, sdu_c, sdu_h, sdu_w,
+    sdl_n, sdl_c, sdl_h, sdl_w,
+    sdi_n, sdi_c, sdi_h, sdi_w,
+    sg_n, sg_c, sg_h, sg_w,
+    tau_hi, tau_lo, N_PB, ROWS, RW,
+    MASK: tl.constexpr, ON: tl.constexpr, SOFTMAX: tl.constexpr, TORCH_GN: tl.constexpr,
+    HAS_WSUM: tl.constexpr, HAS_DL: tl.constexpr, NEED_X: tl.constexpr,
+    FLAT: tl.constexpr, FP64: tl.constexpr, EVEN: tl.constexpr, TF32: tl.constexpr,
+    BU: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BLOCK_W: tl.constexpr,
+    BR: tl.constexpr, BCOL: tl.constexpr,
+):
+    """Squeeze + SRU backward, pass 2. Programs pid < N N_PB (when NEED_X): dx of BP pixels of
+    sample n, ds rebuilt as in pass 1 and the SRU's dx through kernels/sru.py's _pair_dx (a_ptr,
+    bsum_ptr: the group sums of _sru_bwd_reduce_kernel; wsum_ptr its (denom, shift), read when
+    HAS_WSUM). dx_ptr: (N, C, H, W), strides sg_*.
+    The last cdiv(RW, BCOL) programs: the squeeze weights' gradients dw1_ptr (USQ U), dw2_ptr
+    (LSQ (C - U)) in their dtype, the ROWS per-tile rows of dwp_ptr (ROWS, RW) from pass 1
+    summed in a fixed order.
+    Grid (N * N_PB * NEED_X + cdiv(RW, BCOL),).
+    """
+    pid = tl.program_id(0)
+    if NEED_X:
+        n_dx = ROWS
+    else:
+        n_dx = 0
+    if pid >= n_dx:  # the squeeze weights' gradient
+        col = (pid - n_dx) * BCOL + tl.arange(0, BCOL)
+        mcol = col < RW
+        rr = tl.arange(0, BR)
+        tot = acc(tl.zeros([BR, BCOL], tl.float32), FP64)
+        for r0 in range(0, ROWS, BR):
+            r = r0 + rr
+            tot += tl.load(dwp_ptr + r.to(tl.int64)[:, None] * RW + col[None, :],
+                           mask=(r < ROWS)[:, None] & mcol[None, :], other=0.0)
+        tot = tl.sum(tot, axis=0).to(dw1_ptr.dtype.element_ty)
+        n1 = USQ * U
+        tl.store(dw1_ptr + col, tot, mask=mcol & (col < n1))
+        tl.store(dw2_ptr + (col - n1), tot, mask=mcol & (col >= n1))
+    else:
+        n, n64, cb, _cp, _mc, _m, p64 = _pair_tile(pid, HALF, HW, 1, N_PB, BK, BP)
+        mp = p64 < HW
+        wn = _get_wnorm(gw_ptr, wsum_ptr, C, HAS_WSUM, SOFTMAX, FP64, BLOCK_W)
+        tau = acc(tau_hi, FP64) + acc(tau_lo, FP64)
+        xo = pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
+        go = pix_off(p64, W, sg_h, sg_w, FLAT)[None, :] + n64 * sg_n
+        gdt = dx_ptr.dtype.element_ty
+        du, dl = _sq_out_grads(du_ptr, dl_ptr, did_ptr, n64, p64, mp, W, STRIDE, USQ, LSQ,
+                               sdu_n, sdu_c, sdu_h, sdu_w, sdl_n, sdl_c, sdl_h, sdl_w, sdi_n, sdi_c, sdi_h, sdi_w,
+                               HAS_DL, FLAT, FP64, BU, BL)
+        zero = acc(tl.zeros([BK, BP], tl.float32), FP64)
+        for k0 in range(0, HALF, BK):
+            c = k0 + cb
+            cp = c + HALF
+            mc = c < HALF
+            m = mc[:, None] & mp[None, :]
+            xa, xb = _pair_x(x_ptr, xo, sx_c, c, cp, m, FP64)
+            dsa, dsb = _sq_ds(w1_ptr, w2_ptr, du, dl, c, cp, mc, U, C - U, USQ, LSQ, zero, EVEN, TF32)
+            dxa, dxb = _pair_dx(xa, xb, dsa, dsb, n, c, cp, mc, mean_ptr, rstd_ptr, gw_ptr, gb_ptr, a_ptr, bsum_ptr,
+                                G, CG, wn, tau, M, eps_hi, eps_lo, MASK, ON, SOFTMAX, TORCH_GN, FP64)
+            tl.store(dx_ptr + go + c.to(tl.int64)[:, None] * sg_c, dxa.to(gdt), mask=m)
+            tl.store(dx_ptr + go + cp.to(tl.int64)[:, None] * sg_c, dxb.to(gdt), mask=m)
+
+
+# ----------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------
 _MAX_SQ = 256  # squeezed channels a squeeze program holds in registers (both accumulators)
@@ -431,12 +635,12 @@ def _d(v: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _squeeze_tiles(usq: int, lsq: int, hw: int, esize: int):
+def _squeeze_tiles(usq: int, lsq: int, hw: int, esize: int, live: int = 6):
     """(BU, BL, BK, BP, num_warps) of _s2_squeeze_kernel: the most pixels a program can hold.
 
     Every program reads all the squeeze weights, so the more pixels it takes, the less weight
     traffic: the accumulators [BU + BL, BP], the SRU prologue's [BK, BP] tiles (about six live)
-    and a weight block must fit _SQ_PER_THREAD registers a thread of at most 8 warps (16 warps
+    (``live``) and a weight block must fit _SQ_PER_THREAD registers a thread of at most 8 warps (16 warps
     cap a thread at 128 registers: spills on sm_80); fp64 counts twice, 16-bit inputs 2x for
     their conversions."""
     bu, bl, bk = _d(usq), _d(lsq), 16
@@ -444,7 +648,7 @@ def _squeeze_tiles(usq: int, lsq: int, hw: int, esize: int):
     for bp in (1024, 512, 256, 128, 64, 32, 16):
         if bp > max(16, np2(hw)):
             continue
-        need = ((bu + bl) * bp + 6 * bk * bp + (bu + bl) * bk) * scale
+        need = ((bu + bl) * bp + live * bk * bp + (bu + bl) * bk) * scale
         warps = next((wp for wp in (4, 8) if need <= _SQ_PER_THREAD * 32 * wp), None)
         if warps is not None:
             return bu, bl, bk, bp, warps
@@ -556,6 +760,38 @@ def _c(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def _squeeze(x, mean, rstd, wsum, gn_w, gn_b, w_sq1, w_sq2, k, stride, tau, mode, tf32):
+    """(up, low, part, N_PB): _s2_squeeze_kernel's launch; part holds the pooled means' per-tile
+    sums for a k x k GWC of this stride."""
+    N, C, H, W = x.shape
+    usq, u = w_sq1.shape[:2]
+    lsq = w_sq2.shape[0]
+    hw, half = H * W, C // 2
+    ho, wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    kw = dict(device=x.device, dtype=x.dtype, memory_format=memory_format(channels_fastest(x)))
+    up = torch.empty((N, usq, H, W), **kw)
+    low = torch.empty((N, lsq, H, W), **kw)
+    w1 = _c(w_sq1).view(usq, u)
+    w2 = _c(w_sq2).view(lsq, C - u)
+    adt = acc_dtype(x.dtype)
+    fp64 = adt == torch.float64
+    bu, bl, bk, bp, warps = _squeeze_tiles(usq, lsq, hw, x.element_size())
+    n_pb = cdiv(hw, bp)
+    r = usq * k * k + lsq
+    part = torch.empty((N * n_pb, r), device=x.device, dtype=adt)
+    (sx, su, sl), flat = pixel_layout([x, up, low])
+    th, tlo = split_float(tau)
+    _s2_squeeze_kernel[(N * n_pb,)](
+        x, mean, rstd, gn_w, gn_b, wsum, w1, w2, up, low, part,
+        C, half, u, usq, lsq, W, hw, mean.shape[-1], C // mean.shape[-1], k // 2, stride, ho, wo,
+        *sx, *su, *sl, th, tlo, n_pb,
+        **_switches(mode), FLAT=flat, FP64=fp64, EVEN=u == half, TF32=bool(tf32), K=k,
+        BU=bu, BL=bl, BK=bk, BP=bp, BLOCK_W=_block_w(C), num_warps=warps,
+    )
+    return up, low, part, n_pb
+
+
+
 @launcher
 def stage2_forward(x, mean, rstd, wsum, gn_w, gn_b, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2,
                    tau: float, mode: int, stride: int, groups: int, pairwise: bool, tf32: bool):
@@ -575,29 +811,12 @@ def stage2_forward(x, mean, rstd, wsum, gn_w, gn_b, w_sq1, w_sq2, w_gwc, b_gwc, 
     hw, half = H * W, C // 2
     fp64 = x.dtype == torch.float64
     adt = acc_dtype(x.dtype)
-    mf = memory_format(channels_fastest(x))
-    kw = dict(device=x.device, dtype=x.dtype, memory_format=mf)
-    up = torch.empty((N, usq, H, W), **kw)
-    low = torch.empty((N, lsq, H, W), **kw)
-    out = torch.empty((N, cout, ho, wo), **kw)
-    w1 = _c(w_sq1).view(usq, u)
-    w2 = _c(w_sq2).view(lsq, C - u)
+    out = torch.empty((N, cout, ho, wo), device=x.device, dtype=x.dtype,
+                      memory_format=memory_format(channels_fastest(x)))
     wg, wp1, wp2 = _c(w_gwc), _c(w_pwc1), _c(w_pwc2)
     wp2 = wp2 if p else wg  # a valid pointer; HAS_P = False never reads it
 
-    bu, bl, bk, bp, warps = _squeeze_tiles(usq, lsq, hw, x.element_size())
-    n_pb = cdiv(hw, bp)
-    r = usq * k * k + lsq
-    part = torch.empty((N * n_pb, r), device=x.device, dtype=adt)
-    (sx, su, sl), flat = pixel_layout([x, up, low])
-    th, tlo = split_float(tau)
-    _s2_squeeze_kernel[(N * n_pb,)](
-        x, mean, rstd, gn_w, gn_b, wsum, w1, w2, up, low, part,
-        C, half, u, usq, lsq, W, hw, mean.shape[-1], C // mean.shape[-1], pad, stride, ho, wo,
-        *sx, *su, *sl, th, tlo, n_pb,
-        **_switches(mode), FLAT=flat, FP64=fp64, EVEN=u == half, TF32=bool(tf32), K=k,
-        BU=bu, BL=bl, BK=bk, BP=bp, BLOCK_W=_block_w(C), num_warps=warps,
-    )
+    up, low, part, n_pb = _squeeze(x, mean, rstd, wsum, gn_w, gn_b, w_sq1, w_sq2, k, stride, tau, mode, tf32)
 
     cog = cout // groups
     m = torch.empty((N, 2 * cout), device=x.device, dtype=adt)
@@ -620,3 +839,82 @@ def stage2_forward(x, mean, rstd, wsum, gn_w, gn_b, w_sq1, w_sq2, w_gwc, b_gwc, 
         BLOCK_M=min(np2(2 * cout), 1024), **plan,
     )
     return out, up, low, a
+
+
+@launcher
+def stage2_squeeze(x, mean, rstd, wsum, gn_w, gn_b, w_sq1, w_sq2, tau: float, mode: int, tf32: bool):
+    """up, low (N, USQ | LSQ, H, W) of the stage-2 squeeze alone (the backward of
+    ``recompute=True`` rebuilds them from x and the statistics). One launch."""
+    return _squeeze(x, mean, rstd, wsum, gn_w, gn_b, w_sq1, w_sq2, 1, 1, tau, mode, tf32)[:2]
+
+
+def _bwd_tiles(usq: int, lsq: int, hw: int, esize: int):
+    """Tiles of the squeeze backward: the forward's rule (_squeeze_tiles) with about twice the
+    live [BK, BP] tiles (x, xhat, r, ds, dz of both channels of a pair)."""
+    return _squeeze_tiles(usq, lsq, hw, esize, live=12)
+
+
+@launcher
+def stage2_squeeze_backward(x, mean, rstd, gn_w, gn_b, w_sq1, w_sq2, d_up, d_low, d_id, tau: float, mode: int,
+                            torch_gn: bool, eps: float, stride: int, need_params: bool, need_x: bool, tf32: bool):
+    """Gradients of the SRU and the squeezes from the squeezed tensors' gradients, s and ds never stored.
+
+    d_up (N, USQ, H, W); d_low (N, LSQ, H, W), PWC2's input gradient, or an empty tensor when
+    PWC2 has no channels; d_id (N, LSQ, Ho, Wo) the identity branch's gradient (strided).
+    Returns (dx or None, d gamma, d beta (None unless need_params and the mode has a
+    GroupNorm gradient), d w_sq1, d w_sq2) in the input's / the weights' dtypes.
+    Launches: pass 1 (_s2_sq_bwd_kernel), the SRU's reduce (and finalize for d gamma, d beta)
+    when the GroupNorm has a gradient, pass 2 (_s2_sq_dx_kernel: dx and the squeeze weights'
+    gradient): 2 to 4.
+    """
+    N, C, H, W = x.shape
+    usq, u = w_sq1.shape[:2]
+    lsq = w_sq2.shape[0]
+    hw, half, lw = H * W, C // 2, C - u
+    G = mean.shape[-1]
+    CG = C // G
+    adt = acc_dtype(x.dtype)
+    fp64 = adt == torch.float64
+    sw = _switches(mode)
+    gn_grad = SRUMath.from_code(mode).param_grad
+    want_params = bool(need_params) and gn_grad
+    w1 = _c(w_sq1).view(usq, u)
+    w2 = _c(w_sq2).view(lsq, lw)
+    has_dl = d_low.numel() > 0
+    bu, bl, bk, bp, warps = _bwd_tiles(usq, lsq, hw, x.element_size())
+    n_pb = cdiv(hw, bp)
+    rows = N * n_pb
+    rw = usq * u + lsq * lw
+    dwp = torch.empty((rows, rw), device=x.device, dtype=adt)
+    p = q = dwp  # placeholders when the GroupNorm has no gradient
+    if gn_grad:
+        p = torch.empty((rows, C), device=x.device, dtype=adt)
+        q = torch.empty((rows, C), device=x.device, dtype=adt)
+    dl = d_low if has_dl else d_up  # a valid pointer; HAS_DL = False never reads it
+    dx = torch.empty_like(x) if need_x else None
+    (sx, sdu, sdl, sg), flat = pixel_layout([x, d_up, dl, dx if need_x else x])
+    sdi = strides4(d_id)
+    th, tlo = split_float(tau)
+    common = dict(FLAT=flat, FP64=fp64, EVEN=u == half, TF32=bool(tf32), BU=bu, BL=bl, BK=bk, BP=bp,
+                  BLOCK_W=_block_w(C), num_warps=warps)
+    _s2_sq_bwd_kernel[(rows,)](
+        x, mean, rstd, gn_w, gn_b, w1, w2, d_up, dl, d_id, p, q, dwp,
+        C, half, u, usq, lsq, W, hw, G, CG, stride, *sx, *sdu, *sdl, *sdi, th, tlo, n_pb,
+        **sw, GN_GRAD=gn_grad, HAS_DL=has_dl, **common,
+    )
+    dweight = dbias = None
+    a = bsum = wsum = mean  # placeholders, unused by the dx of binary masks on x
+    if gn_grad and (need_x or want_params):
+        a, bsum, wsum, dweight, dbias = sru_reduce(p, q, gn_w, gn_b, N, C, G, n_pb, mode, want_params)
+    d_sq1 = torch.empty(w_sq1.shape, device=x.device, dtype=w_sq1.dtype)
+    d_sq2 = torch.empty(w_sq2.shape, device=x.device, dtype=w_sq2.dtype)
+    bcol = 256
+    eh, el = split_float(eps)
+    _s2_sq_dx_kernel[(rows * bool(need_x) + cdiv(rw, bcol),)](
+        x, mean, rstd, gn_w, gn_b, wsum, a, bsum, w1, w2, d_up, dl, d_id, dx if need_x else x, dwp, d_sq1, d_sq2,
+        C, half, u, usq, lsq, W, hw, G, CG, CG * hw, eh, el, stride,
+        *sx, *sdu, *sdl, *sdi, *sg, th, tlo, n_pb, rows, rw,
+        **sw, TORCH_GN=bool(torch_gn), HAS_WSUM=gn_grad, HAS_DL=has_dl, NEED_X=bool(need_x),
+        BR=8, BCOL=bcol, **common,
+    )
+    return dx, dweight, dbias, d_sq1, d_sq2

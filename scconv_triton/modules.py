@@ -133,13 +133,16 @@ class SCConv(_Fused, ref.SCConv):
 
     ``stage=2`` (the default): the convolutions run in Triton too, with the SRU as the
     squeeze's prologue and the CRU fusion as the conv's epilogue, so s, Y1 and Y2 are never
-    stored (kernels/stage2.py). Its backward is stage 1's, rebuilding Y1 and PWC2's output from
-    the saved squeezed tensors. It falls back to stage 1 where it does not run: more than 256
-    squeezed channels (up or low), an empty batch, fp64 on a GPU, or a layer whose conv tile
-    does not fit (``scconv_triton.kernels.stage2.supports``).
-    ``stage=1``: the SRU and CRU kernels around cuDNN convolutions. ``recompute`` (stage 1 only;
-    False: backward reuses the saved convolution outputs; True: it recomputes them from the
-    saved squeezed tensors, saving about 1.75 S of activation memory for two extra convolutions).
+    stored (kernels/stage2.py). Its backward rebuilds Y1 and PWC2's output from the saved
+    squeezed tensors (cuDNN) and runs the squeezes' and the SRU's backward in two Triton passes
+    that rebuild s and ds in registers. It falls back to stage 1 where it does not run: more
+    than 256 squeezed channels (up or low), an empty batch, fp64 on a GPU, or a layer whose
+    conv tile does not fit (``scconv_triton.kernels.stage2.supports``).
+    ``stage=1``: the SRU and CRU kernels around cuDNN convolutions.
+    ``recompute``: stage 2 saves only x, the statistics and A (C-sized) and rebuilds up and low
+    in backward (one more squeeze launch; about 0.5 S less activation memory); stage 1 rebuilds
+    the convolution outputs from the saved squeezed tensors (about 1.75 S less, two extra
+    convolutions). False: backward reuses what the forward stored.
     """
 
     def __init__(self, *args, backend: str = "auto", recompute: bool = False, stage: int = 2, **kwargs):
@@ -166,6 +169,7 @@ class SCConv(_Fused, ref.SCConv):
                 return _stage2.scconv_stage2(
                     x, *weights, group_num=sru.group_num, eps=sru.gn.eps, torch_gn=sru.torch_gn,
                     gate_treshold=sru.gate_treshold, mode=sru.math.code, shape=cru.shape, softmax=cru.softmax,
+                    recompute=self.recompute,
                 )
             return scconv(
                 x, *weights, group_num=sru.group_num, eps=sru.gn.eps, torch_gn=sru.torch_gn,

@@ -21,6 +21,7 @@ from test_scconv import _run
 
 STAGE2 = ["_sru_stats_partial_kernel", "_sru_stats_merge_kernel", "_s2_squeeze_kernel", "_s2_means_kernel",
           "_s2_conv_kernel"]
+STAGE2_BWD = ["_s2_sq_bwd_kernel", "_s2_sq_dx_kernel"]  # the squeezes' + SRU's backward (ops/stage2.py)
 
 # (SCConv kwargs, (N, H, W), channels_last): together every option of the module
 CONFIGS = {
@@ -72,6 +73,7 @@ def _check(fused, base, x, tol):
         yf, dxf, gf = _run(fused, x, g)
     names = [c.name for c in calls]
     assert names[:5] == STAGE2, names  # stage 2 ran, not the stage-1 fallback
+    assert all(k in names for k in STAGE2_BWD) and "_sru_bwd_dx_kernel" not in names, names
     yr, dxr, gr = _run(base, x, g)
     assert yf.shape == yr.shape and yf.dtype == yr.dtype
     assert yf.is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(memory_format=torch.channels_last)
@@ -117,6 +119,59 @@ def test_fp64_every_conv_tiling_matches_reference(caps, device, monkeypatch):
     finally:
         monkeypatch.undo()
         ks2.conv_plan.cache_clear()
+
+
+@pytest.mark.parametrize("name", ["default-cl", "alpha0.75-g4-k7-s3-cl", "hard-gbn-pairwise", "pwc2-zero-s2-cl"])
+def test_fp64_recompute_matches_reference(name, device):
+    # recompute=True: the backward rebuilds up and low with the squeeze kernel (a second launch)
+    kw, shape, cl = CONFIGS[name]
+    fused, base = _pair(kw, device)
+    fused.recompute = True
+    x = _input(kw, shape, cl, device, torch.float64)
+    _check(fused, base, x, TOL[torch.float64])
+    with capture_launches(keep_args=False) as calls:
+        _run(fused, x, torch.randn(base(x).shape, dtype=x.dtype, device=device))
+    assert [c.name for c in calls].count("_s2_squeeze_kernel") == 2
+
+
+@pytest.mark.parametrize("kw", [dict(op_channel=64, alpha=0.75, stride=2, out_channels=24),
+                                dict(op_channel=64, group_num=8, gate="hard", softmax="pairwise")],
+                         ids=["uneven-s2", "even-hard"])
+def test_fp64_squeeze_backward_in_many_tiles(kw, device, monkeypatch):
+    # a small register cap: many pixel tiles per sample (the per-tile weight-gradient and P / Q
+    # rows reduced in the second pass) and channel pairs in two blocks of 16 (HALF = 32)
+    monkeypatch.setattr(ks2, "_SQ_PER_THREAD", 8)
+    ks2._squeeze_tiles.cache_clear()
+    try:
+        fused, base = _pair(kw, device)
+        sh = fused.CRU.shape
+        bp = ks2._bwd_tiles(sh.up_sq, sh.low_sq, 9 * 11, 8)[3]
+        assert ks2.cdiv(9 * 11, bp) >= 4, bp
+        _check(fused, base, _input(kw, (2, 9, 11), True, device, torch.float64), TOL[torch.float64])
+    finally:
+        monkeypatch.undo()
+        ks2._squeeze_tiles.cache_clear()
+
+
+def test_gradcheck_stage2_function(device):
+    # torch.autograd.gradcheck of Stage2Function in fp64 (fast mode), every tensor input at once;
+    # inputs drawn with every gate value away from tau (the soft gate is discontinuous there)
+    from scconv_triton.ops.stage2 import scconv_stage2
+
+    kw = dict(op_channel=16, group_num=4, alpha=0.75, stride=2, out_channels=10)
+    fused, _ = _pair(kw, device)
+    sru, cru = fused.SRU, fused.CRU
+    x = draw_away_from_gate(sru, lambda: _input(kw, (2, 5, 4), False, device, torch.float64), margin=1e-4)
+    params = [p.detach().clone().requires_grad_(True) for p in (
+        sru.gn.weight, sru.gn.bias, cru.squeeze1.weight, cru.squeeze2.weight, cru.GWC.weight, cru.GWC.bias,
+        cru.PWC1.weight, cru.PWC2.weight)]
+
+    def f(x, *ps):
+        return scconv_stage2(x, *ps, group_num=sru.group_num, eps=sru.gn.eps, torch_gn=sru.torch_gn,
+                             gate_treshold=sru.gate_treshold, mode=sru.math.code, shape=cru.shape,
+                             softmax=cru.softmax)
+
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(True), *params), fast_mode=True, atol=1e-7, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["default-cl", "alpha0.25-s2-k5", "pwc2-zero-s2-cl"])

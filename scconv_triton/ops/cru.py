@@ -39,6 +39,7 @@ from ._dispatch import eager_direct
 __all__ = [
     "cru_forward_core",
     "cru_backward_core",
+    "cru_conv_backward",
     "CRUFunction",
     "cru",
 ]
@@ -221,6 +222,53 @@ def _pwc2(low: Tensor, w_pwc2: Tensor, shape: CRUShape, y1: Tensor) -> Tensor:
     return F.conv2d(low, w_pwc2, None, stride=shape.stride)
 
 
+def cru_conv_backward(
+    dout: Tensor,
+    saved: tuple[Tensor, ...],
+    w_sq1: Tensor,
+    w_sq2: Tensor,
+    w_gwc: Tensor,
+    b_gwc: Tensor,
+    w_pwc1: Tensor,
+    w_pwc2: Tensor,
+    shape: CRUShape,
+    softmax: str,
+    recompute: bool,
+    channels_last: bool,
+):
+    """The CRU backward down to the squeezed tensors: (d_up, d_low, d_id, d_gwc_w, d_gwc_b, d_pwc1,
+    d_pwc2, wsq). d_low is PWC2's input gradient (an empty tensor when PWC2 has no channels),
+    d_id (N, low_sq, Ho, Wo) the identity branch's, wsq the squeeze weight of the squeezes'
+    backward (``cru_weights``). ``saved`` as ``cru_forward_core`` returned it; with ``recompute``
+    Y1 and P2 are recomputed here from up and low (two convolutions)."""
+    if recompute:
+        up, low, a = saved
+    else:
+        up, low, a, y1, p2 = saved
+    st, k, g = shape.stride, shape.kernel_size, shape.group_size
+    wm, wsq = cru_weights(w_gwc, w_pwc1, w_sq1, w_sq2, g, channels_last)
+    if recompute:
+        y1 = F.conv2d(up, wm, b_gwc, stride=st, padding=k // 2)
+        p2 = _pwc2(low, w_pwc2, shape, y1)
+    ident = low[:, :, ::st, ::st]
+    pairwise = softmax == "pairwise"
+    da = cru_reduce(dout, y1, p2, ident)
+    dy1, dp2, did = cru_combine_bwd(dout, a, da, shape.pwc2_out, pairwise, y1.dtype, channels_last)
+    conv_bwd = torch.ops.aten.convolution_backward.default
+    d_up, d_wm, d_b = conv_bwd(
+        dy1, up, wm, [shape.out_channels], [st, st], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [True, True, True]
+    )
+    if shape.pwc2_out > 0:
+        d_low, d_pwc2, _ = conv_bwd(
+            dp2, low, w_pwc2, None, [st, st], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False]
+        )
+    else:
+        d_low = low.new_empty((0,))
+        d_pwc2 = torch.empty_like(w_pwc2)  # PWC2 has no output channels: zero elements, no launch
+    d_gwc_w, d_pwc1 = cru_wgrad(d_wm, g)
+    return d_up, d_low, did, d_gwc_w, d_b, d_pwc1, d_pwc2, wsq
+
+
 def cru_backward_core(
     dout: Tensor,
     s: Tensor,
@@ -243,32 +291,12 @@ def cru_backward_core(
     recomputed here from the saved up/low (two convolutions). ds is None unless need_ds.
     """
     s, cl = _as_nchw_or_cl(s)
-    if recompute:
-        up, low, a = saved
-    else:
-        up, low, a, y1, p2 = saved
-    st, k, g = shape.stride, shape.kernel_size, shape.group_size
-    wm, wsq = cru_weights(w_gwc, w_pwc1, w_sq1, w_sq2, g, cl)
-    if recompute:
-        y1 = F.conv2d(up, wm, b_gwc, stride=st, padding=k // 2)
-        p2 = _pwc2(low, w_pwc2, shape, y1)
-    ident = low[:, :, ::st, ::st]
-    pairwise = softmax == "pairwise"
-    da = cru_reduce(dout, y1, p2, ident)
-    dy1, dp2, did = cru_combine_bwd(dout, a, da, shape.pwc2_out, pairwise, y1.dtype, cl)
-    conv_bwd = torch.ops.aten.convolution_backward.default
-    d_up, d_wm, d_b = conv_bwd(
-        dy1, up, wm, [shape.out_channels], [st, st], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [True, True, True]
+    d_up, d_low, did, d_gwc_w, d_b, d_pwc1, d_pwc2, wsq = cru_conv_backward(
+        dout, saved, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, recompute, cl
     )
-    if shape.pwc2_out > 0:
-        d_low, d_pwc2, _ = conv_bwd(
-            dp2, low, w_pwc2, None, [st, st], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False]
-        )
-    else:
-        d_low = low.new_empty((0,))
-        d_pwc2 = torch.empty_like(w_pwc2)  # PWC2 has no output channels: zero elements, no launch
-    d_sq = cru_dsq(d_up, d_low, did, st, cl)
+    d_sq = cru_dsq(d_up, d_low, did, shape.stride, cl)
     gq = _squeeze_groups(shape)
+    conv_bwd = torch.ops.aten.convolution_backward.default
     ds, d_wsq, _ = conv_bwd(
         d_sq, s, wsq, None, [1, 1], [0, 0], [1, 1], False, [0, 0], gq, [bool(need_ds), True, False]
     )
@@ -277,7 +305,6 @@ def cru_backward_core(
         d_sq1, d_sq2 = d_wsq[:usq], d_wsq[usq:]
     else:
         d_sq1, d_sq2 = d_wsq[:usq, : shape.up], d_wsq[usq:, shape.up :]
-    d_gwc_w, d_pwc1 = cru_wgrad(d_wm, g)
     return (ds if need_ds else None), d_sq1, d_sq2, d_gwc_w, d_b, d_pwc1, d_pwc2
 
 

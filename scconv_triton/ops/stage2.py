@@ -1,10 +1,12 @@
 """Stage 2 of the fused SCConv: the SRU and the convolutions in three Triton kernels after the
-statistics (kernels/stage2.py: squeeze with the SRU as prologue, pooled means, conv-combine), as one custom op ``scconv_triton::stage2_fwd`` with a fake
-implementation (torch.compile(fullgraph=True) traces it), and its autograd Function.
+statistics (kernels/stage2.py: squeeze with the SRU as prologue, pooled means, conv-combine), as one
+custom op ``scconv_triton::stage2_fwd`` with a fake implementation (torch.compile(fullgraph=True)
+traces it), and its autograd Function.
 
-The backward is stage 1's (``SCConvFunction.backward`` with ``recompute``): it rebuilds s from x
-and the statistics, Y1 and PWC2's output from the saved up and low (two cuDNN convolutions), and
-runs the stage-1 CRU and SRU backward kernels.
+Backward: the CRU's down to the squeezed tensors is stage 1's (``cru_conv_backward``: Y1 and
+PWC2's output rebuilt from up and low by cuDNN, the combine's and the convolutions' backward);
+the squeezes' and the SRU's is stage 2's (``scconv_triton::stage2_sq_bwd``: s and ds rebuilt in
+registers, never stored).
 """
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ import torch
 
 from ..kernels import sru as _ks
 from ..kernels import stage2 as _k
+from .._config import SRUMath
 from ..kernels._launch import acc_dtype, channels_fastest, memory_format
 from ._dispatch import eager_direct
-from .scconv import SCConvFunction
+from .cru import cru_conv_backward
 from .sru import gate_mode
 
 __all__ = ["Stage2Function", "scconv_stage2", "supports"]
@@ -27,13 +30,13 @@ def _fwd_impl(
     w_gwc: torch.Tensor, b_gwc: torch.Tensor, w_pwc1: torch.Tensor, w_pwc2: torch.Tensor,
     group_num: int, eps: float, torch_gn: bool, tau: float, mode: int, stride: int, groups: int,
     pairwise: bool, tf32: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     mean, rstd, wsum = _ks.sru_stats(x, group_num, eps, torch_gn, weight=gn_w, mode=mode)
     out, up, low, a = _k.stage2_forward(
         x, mean, rstd, wsum, gn_w, gn_b, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2,
         tau, mode, stride, groups, pairwise, tf32,
     )
-    return out, mean, rstd, up, low, a
+    return out, mean, rstd, wsum, up, low, a
 
 
 _fwd_op = torch.library.custom_op("scconv_triton::stage2_fwd", _fwd_impl, mutates_args=())
@@ -52,6 +55,7 @@ def _fwd_fake(x, gn_w, gn_b, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, group_n
         torch.empty((n, cout, ho, wo), **kw),
         x.new_empty((n, group_num), dtype=torch.float64),
         x.new_empty((n, group_num), dtype=adt),
+        x.new_empty((2,), dtype=adt),
         torch.empty((n, w_sq1.shape[0], h, w), **kw),
         torch.empty((n, w_sq2.shape[0], h, w), **kw),
         x.new_empty((n, 2 * cout), dtype=adt),
@@ -61,45 +65,130 @@ def _fwd_fake(x, gn_w, gn_b, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, group_n
 _fwd_call = eager_direct(_fwd_op, _fwd_impl)
 
 
-class Stage2Function(SCConvFunction):
+def _squeeze_impl(
+    x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, wsum: torch.Tensor, gn_w: torch.Tensor,
+    gn_b: torch.Tensor, w_sq1: torch.Tensor, w_sq2: torch.Tensor, tau: float, mode: int, tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _k.stage2_squeeze(x, mean, rstd, wsum, gn_w, gn_b, w_sq1, w_sq2, tau, mode, tf32)
+
+
+_squeeze_op = torch.library.custom_op("scconv_triton::stage2_squeeze", _squeeze_impl, mutates_args=())
+
+
+@_squeeze_op.register_fake
+def _squeeze_fake(x, mean, rstd, wsum, gn_w, gn_b, w_sq1, w_sq2, tau, mode, tf32):
+    n, _, h, w = x.shape
+    kw = dict(dtype=x.dtype, device=x.device, memory_format=memory_format(channels_fastest(x)))
+    return torch.empty((n, w_sq1.shape[0], h, w), **kw), torch.empty((n, w_sq2.shape[0], h, w), **kw)
+
+
+_squeeze_call = eager_direct(_squeeze_op, _squeeze_impl)
+
+
+def _sq_bwd_impl(
+    x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, gn_w: torch.Tensor, gn_b: torch.Tensor,
+    w_sq1: torch.Tensor, w_sq2: torch.Tensor, d_up: torch.Tensor, d_low: torch.Tensor, d_id: torch.Tensor,
+    tau: float, mode: int, torch_gn: bool, eps: float, stride: int, need_params: bool, need_x: bool, tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dgw, dgb, d_sq1, d_sq2 = _k.stage2_squeeze_backward(
+        x, mean, rstd, gn_w, gn_b, w_sq1, w_sq2, d_up, d_low, d_id, tau, mode, torch_gn, eps, stride,
+        need_params, need_x, tf32,
+    )
+    # custom ops cannot return None: "no gradient" travels as an empty tensor (allocations only)
+    return (
+        dx if dx is not None else x.new_empty((0,)),
+        dgw if dgw is not None else gn_w.new_empty((0,)),
+        dgb if dgb is not None else gn_w.new_empty((0,)),
+        d_sq1, d_sq2,
+    )
+
+
+_sq_bwd_op = torch.library.custom_op("scconv_triton::stage2_sq_bwd", _sq_bwd_impl, mutates_args=())
+
+
+@_sq_bwd_op.register_fake
+def _sq_bwd_fake(x, mean, rstd, gn_w, gn_b, w_sq1, w_sq2, d_up, d_low, d_id, tau, mode, torch_gn, eps, stride,
+                 need_params, need_x, tf32):
+    c = gn_w.numel() if (SRUMath.from_code(mode).param_grad and need_params) else 0
+    dx = torch.empty_like(x) if need_x else x.new_empty((0,))
+    return dx, gn_w.new_empty((c,)), gn_w.new_empty((c,)), torch.empty_like(w_sq1), torch.empty_like(w_sq2)
+
+
+_sq_bwd_call = eager_direct(_sq_bwd_op, _sq_bwd_impl)
+
+
+class Stage2Function(torch.autograd.Function):
     """out = CRU(SRU(x)), forward by the stage-2 kernels.
 
     forward(ctx, x, gn_weight, gn_bias, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2,
-            group_num, eps, torch_gn, tau, mode, shape, softmax, tf32)
+            group_num, eps, torch_gn, tau, mode, shape, softmax, tf32, recompute)
     mode: the SRU's math (``SRUMath.code``, any upstream revision).
-    Saves: x, the SRU statistics (N x group_num), the parameters, the squeezed tensors up
-    (N, up_sq, H, W) and low (N, low_sq, H, W) and the softmax coefficients A (N, 2 Cout).
-    Not saved: s, Y1, Y2, PWC2's output (never stored at all) and the pooled-mean partial sums
-    (the backward below does not need them).
-    Recomputes in backward (``SCConvFunction.backward`` with recompute): s from x and the stats,
-    the merged convolution weights, and Y1 and PWC2's output from up and low (two convolutions).
+    Saves: x, the SRU statistics (N x group_num, and w's (denom, shift), 2 values), the
+    parameters, the softmax coefficients A (N, 2 Cout) and, unless ``recompute``, the squeezed
+    tensors up (N, up_sq, H, W) and low (N, low_sq, H, W).
+    Never stored, forward or backward: s, ds, Y2; not saved: Y1, PWC2's output (never stored in
+    the forward) and the pooled-mean partial sums.
+    Recomputes in backward: with ``recompute`` up and low (the squeeze kernel again, from x and
+    the statistics); the merged convolution weights, Y1 and PWC2's output from up and low (two
+    cuDNN convolutions, ``cru_conv_backward``); s, xhat and the gate from x in the squeeze
+    backward's registers (twice: its two passes).
     """
 
     @staticmethod
     def forward(ctx, x, gn_w, gn_b, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2,
-                group_num, eps, torch_gn, tau, mode, shape, softmax, tf32):
-        out, mean, rstd, up, low, a = _fwd_call(
+                group_num, eps, torch_gn, tau, mode, shape, softmax, tf32, recompute):
+        out, mean, rstd, wsum, up, low, a = _fwd_call(
             x, gn_w, gn_b, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, int(group_num), float(eps),
             bool(torch_gn), float(tau), int(mode), int(shape.stride), int(shape.group_size),
             softmax == "pairwise", bool(tf32),
         )
-        ctx.save_for_backward(x, mean, rstd, gn_w, gn_b, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, up, low, a)
-        ctx.cfg = (float(tau), int(mode), bool(torch_gn), float(eps), shape, softmax, True)
+        kept = () if recompute else (up, low)
+        ctx.save_for_backward(x, mean, rstd, wsum, gn_w, gn_b, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, a, *kept)
+        ctx.cfg = (float(tau), int(mode), bool(torch_gn), float(eps), shape, softmax, bool(tf32), bool(recompute))
         return out
 
-    # backward: SCConvFunction's (17 inputs there and here: the same gradient tuple)
+    @staticmethod
+    def backward(ctx, dout):
+        x, mean, rstd, wsum, gn_w, gn_b, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, a, *kept = ctx.saved_tensors
+        tau, mode, torch_gn, eps, shape, softmax, tf32, recompute = ctx.cfg
+        need = ctx.needs_input_grad
+        need_x = need[0]
+        need_gn = (need[1] or need[2]) and SRUMath.from_code(mode).param_grad
+        if recompute:
+            up, low = _squeeze_call(x, mean, rstd, wsum, gn_w, gn_b, w_sq1, w_sq2, tau, mode, tf32)
+        else:
+            up, low = kept
+        d_up, d_low, d_id, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, _ = cru_conv_backward(
+            dout, (up, low, a), w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, True,
+            channels_fastest(x),
+        )
+        del up, low
+        dx, d_gw, d_gb, d_sq1, d_sq2 = _sq_bwd_call(
+            x, mean, rstd, gn_w, gn_b, w_sq1, w_sq2, d_up, d_low, d_id, tau, mode, torch_gn, eps,
+            int(shape.stride), bool(need_gn), bool(need_x), tf32,
+        )
+        if w_pwc2.numel() == 0:  # PWC2 has no channels (out_channels == l//r): unused, like the reference
+            d_pwc2 = None
+        return (
+            dx if need_x else None,
+            d_gw if need[1] and need_gn else None,
+            d_gb if need[2] and need_gn else None,
+            d_sq1, d_sq2, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2,
+            None, None, None, None, None, None, None, None, None,
+        )
 
 
 def scconv_stage2(x, gn_w, gn_b, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, *, group_num, eps, torch_gn,
-                  gate_treshold, shape, softmax, gate="soft", mode=None, tf32=None):
+                  gate_treshold, shape, softmax, gate="soft", mode=None, tf32=None, recompute=False):
     """Functional stage-2 SCConv; parameters in the module's state_dict order (any shapes).
     ``mode`` / ``gate``: the SRU's math as in :func:`scconv_triton.ops.scconv.scconv`. ``tf32``: fp32
-    convolutions on TF32 tensor cores (default: torch.backends.cudnn.allow_tf32)."""
+    convolutions on TF32 tensor cores (default: torch.backends.cudnn.allow_tf32). ``recompute``:
+    save only x and the statistics; the backward rebuilds up and low (one more squeeze launch)."""
     c = x.shape[1]
     if tf32 is None:
         tf32 = torch.backends.cudnn.allow_tf32
     return Stage2Function.apply(
         x, gn_w.reshape(c), gn_b.reshape(c), w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2,
         int(group_num), float(eps), bool(torch_gn), float(gate_treshold), gate_mode(gate, mode),
-        shape, softmax, bool(tf32) and x.dtype == torch.float32,
+        shape, softmax, bool(tf32) and x.dtype == torch.float32, bool(recompute),
     )
