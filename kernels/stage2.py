@@ -622,6 +622,7 @@ _MAX_SQ = 256  # squeezed channels a squeeze program holds in registers (both ac
 # Register caps of one 8-warp program, in elements (fp32; fp64 counts twice): the largest that
 # the AOT check (tests/test_aot.py) compiles without spills. Squeeze: per thread (of up to 8 warps).
 _SQ_PER_THREAD = 128
+_SQB_PER_THREAD = 96  # the squeeze backward's (live tiles x pixels): 128 spilled on sm_90 (AOT)
 # Conv: its output tile (the accumulator), its up tile, a K block's operand, the weights it holds.
 _OUT_TILE = 8192
 _UP_TILE = 4096
@@ -635,7 +636,7 @@ def _d(v: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _squeeze_tiles(usq: int, lsq: int, hw: int, esize: int, live: int = 6):
+def _squeeze_tiles(usq: int, lsq: int, hw: int, esize: int, live: int = 6, per_thread: int | None = None):
     """(BU, BL, BK, BP, num_warps) of _s2_squeeze_kernel: the most pixels a program can hold.
 
     Every program reads all the squeeze weights, so the more pixels it takes, the less weight
@@ -649,7 +650,8 @@ def _squeeze_tiles(usq: int, lsq: int, hw: int, esize: int, live: int = 6):
         if bp > max(16, np2(hw)):
             continue
         need = ((bu + bl) * bp + live * bk * bp + (bu + bl) * bk) * scale
-        warps = next((wp for wp in (4, 8) if need <= _SQ_PER_THREAD * 32 * wp), None)
+        cap = _SQ_PER_THREAD if per_thread is None else per_thread
+        warps = next((wp for wp in (4, 8) if need <= cap * 32 * wp), None)
         if warps is not None:
             return bu, bl, bk, bp, warps
     return bu, bl, bk, 16, 8
@@ -851,7 +853,7 @@ def stage2_squeeze(x, mean, rstd, wsum, gn_w, gn_b, w_sq1, w_sq2, tau: float, mo
 def _bwd_tiles(usq: int, lsq: int, hw: int, esize: int):
     """Tiles of the squeeze backward: the forward's rule (_squeeze_tiles) with about twice the
     live [BK, BP] tiles (x, xhat, r, ds, dz of both channels of a pair)."""
-    return _squeeze_tiles(usq, lsq, hw, esize, live=12)
+    return _squeeze_tiles(usq, lsq, hw, esize, live=12, per_thread=_SQB_PER_THREAD)
 
 
 @launcher

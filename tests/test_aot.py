@@ -51,6 +51,8 @@ CONFIGS = (
     + [(64, 64, 28, 2, "bf16", True, {"alpha": 0.25, "group_kernel_size": 7, "squeeze_radio": 4})]
     + [(64, 64, 14, 1, "fp16", False, {"group_kernel_size": 1, "gate": "hard"})]
     + [(64, 64, 56, 1, "fp32", cl, {"tf32": False}) for cl in (False, True)]
+    # the first layer of a network: no input gradient (the squeeze backward without dx)
+    + [(64, 64, 56, 1, "bf16", True, {"no_dx": True}), (64, 64, 56, 1, "fp32", False, {"no_dx": True})]
     # stage 1 (selectable, and the fallback): its forward kernels run only there
     + [(64, 64, 56, 1, dt, cl, STAGE1) for dt in ("fp32", "bf16", "fp64") for cl in (False, True)]
     + [(64, 64, 56, 1, "fp32", False, {**VARIANT, **STAGE1}), (256, 256, 28, 2, "fp32", True, STAGE1)]
@@ -61,8 +63,9 @@ CONFIGS = (
 def _step(cin, cout, h, stride, dtype, cl, kw, device):
     kw = dict(kw)
     tf32 = kw.pop("tf32", True)
+    dx = not kw.pop("no_dx", False)
     with _allow_tf32(tf32):
-        _run_step(cin, cout, h, stride, dtype, cl, kw, device)
+        _run_step(cin, cout, h, stride, dtype, cl, kw, device, dx)
 
 
 @contextlib.contextmanager
@@ -75,7 +78,7 @@ def _allow_tf32(on: bool):
         torch.backends.cudnn.allow_tf32 = old
 
 
-def _run_step(cin, cout, h, stride, dtype, cl, kw, device):
+def _run_step(cin, cout, h, stride, dtype, cl, kw, device, dx=True):
     m = scconv_triton.SCConv(cin, out_channels=cout, stride=stride, backend="triton", **kw)
     m = m.to(device=device, dtype=DTYPES[dtype])
     x = torch.randn(2, cin, h, h, device=device, dtype=DTYPES[dtype])
@@ -83,7 +86,7 @@ def _run_step(cin, cout, h, stride, dtype, cl, kw, device):
         x = torch.randn(2, cin, h, h + 8, device=device, dtype=DTYPES[dtype])[..., :h].detach()
     elif cl:
         m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_(True)
+    x.requires_grad_(dx)
     y = m(x)
     y.backward(torch.randn_like(y))
 
@@ -157,7 +160,8 @@ def test_every_kernel_and_variant_is_covered(aot_results):
         for k, v in s.constexprs.items():
             if isinstance(v, bool):
                 flags.setdefault((s.target(), k), set()).add(v)
-    for name in ("SOFTMAX", "FLAT", "FP64", "TORCH_GN", "PAIRWISE", "HAS_LOW", "HAS_P", "EVEN", "TF32", "HOLD"):
+    for name in ("SOFTMAX", "FLAT", "FP64", "TORCH_GN", "PAIRWISE", "HAS_LOW", "HAS_P", "EVEN", "TF32", "HOLD",
+                 "GN_GRAD", "HAS_DL", "NEED_X"):
         seen = {v for (t, k), vals in flags.items() if k == name for v in vals}
         assert seen == {True, False}, f"constexpr {name} only compiled as {seen}"
     # the SRU's mask rule and operand (every upstream revision, and the 2023-10 hard gate)
