@@ -51,7 +51,7 @@ from .sru import (
 )
 from .._config import SRUMath
 
-__all__ = ["stage2_forward", "stage2_squeeze", "stage2_squeeze_backward", "supports", "conv_plan", "AS_GPU"]
+__all__ = ["stage2_forward", "stage2_squeeze", "stage2_squeeze_backward", "squeeze_backward_pays", "supports", "conv_plan", "AS_GPU"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -854,6 +854,21 @@ def _bwd_tiles(usq: int, lsq: int, hw: int, esize: int):
     """Tiles of the squeeze backward: the forward's rule (_squeeze_tiles) with about twice the
     live [BK, BP] tiles (x, xhat, r, ds, dz of both channels of a pair)."""
     return _squeeze_tiles(usq, lsq, hw, esize, live=12, per_thread=_SQB_PER_THREAD)
+
+
+@functools.lru_cache(maxsize=1024)
+def squeeze_backward_pays(n: int, c: int, h: int, w: int, usq: int, u: int, lsq: int, esize: int) -> bool:
+    """Whether stage2_squeeze_backward moves fewer bytes than stage 1's squeeze + SRU backward.
+
+    Stage 1 writes s, reads it twice (the squeeze weights' gradient, the convolution backward),
+    writes ds and reads it twice (the SRU's two passes): 6 x-sized tensors beside what both read.
+    The fused passes instead write and read the squeeze weights' gradient once per pixel tile
+    (accumulation dtype) and read the weights once per tile and pass: weight-sized traffic per
+    tile, which at small images with many channels (512 channels at 7 x 7) outweighs s and ds."""
+    bp = _bwd_tiles(usq, lsq, h * w, esize)[3]
+    tiles = n * cdiv(h * w, bp)
+    rw = usq * u + lsq * (c - u)
+    return tiles * rw * (2 * 4 + 2 * esize) < 6 * n * c * h * w * esize
 
 
 @launcher

@@ -153,6 +153,35 @@ def test_fp64_squeeze_backward_in_many_tiles(kw, device, monkeypatch):
         ks2._squeeze_tiles.cache_clear()
 
 
+@pytest.mark.parametrize("name", ["alpha0.25-s2-k5", "hard-gbn-pairwise", "pwc2-zero-s2-cl"])
+def test_fp64_stage1_squeeze_backward_where_it_moves_less(name, device, monkeypatch):
+    # where the fused squeeze backward's per-tile weight gradients would outweigh s and ds
+    # (ks2.squeeze_backward_pays False: small images, many channels), stage 2's backward takes
+    # stage 1's squeeze + SRU backward; forced here on small configs
+    kw, shape, cl = CONFIGS[name]
+    monkeypatch.setattr(ks2, "squeeze_backward_pays", lambda *a: False)
+    fused, base = _pair(kw, device)
+    x = _input(kw, shape, cl, device, torch.float64)
+    g = torch.randn(base(x).shape, dtype=x.dtype, device=device)
+    with capture_launches(keep_args=False) as calls:
+        yf, dxf, gf = _run(fused, x, g)
+    names = [c.name for c in calls]
+    assert names[:5] == STAGE2 and "_sru_bwd_dx_kernel" in names and "_s2_sq_bwd_kernel" not in names, names
+    yr, dxr, gr = _run(base, x, g)
+    errs = {"out": rel(yf, yr), "dx": rel(dxf, dxr)}
+    errs.update({k: rel(gf[k], gr[k]) for k in gr if gr[k] is not None})
+    assert all(gf[k] is None for k in gr if gr[k] is None)
+    assert all(v <= TOL[torch.float64] for v in errs.values()), errs
+
+
+def test_squeeze_backward_pays_by_traffic():
+    # the rule's two sides at the report's shapes (fp32, batch 2): 64 channels at 56 x 56 fuse;
+    # 512 channels at 7 x 7 (per-tile weight gradients of 128 x 256 x 2) do not
+    assert ks2.squeeze_backward_pays(2, 64, 56, 56, 16, 32, 16, 4)
+    assert ks2.squeeze_backward_pays(2, 128, 28, 28, 32, 64, 32, 4)
+    assert not ks2.squeeze_backward_pays(2, 512, 7, 7, 128, 256, 128, 4)
+
+
 def test_gradcheck_stage2_function(device):
     # torch.autograd.gradcheck of Stage2Function in fp64 (fast mode), every tensor input at once;
     # inputs drawn with every gate value away from tau (the soft gate is discontinuous there)

@@ -40,6 +40,7 @@ __all__ = [
     "cru_forward_core",
     "cru_backward_core",
     "cru_conv_backward",
+    "cru_squeeze_backward",
     "CRUFunction",
     "cru",
 ]
@@ -294,7 +295,16 @@ def cru_backward_core(
     d_up, d_low, did, d_gwc_w, d_b, d_pwc1, d_pwc2, wsq = cru_conv_backward(
         dout, saved, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, recompute, cl
     )
-    d_sq = cru_dsq(d_up, d_low, did, shape.stride, cl)
+    ds, d_sq1, d_sq2 = cru_squeeze_backward(d_up, d_low, did, s, wsq, shape, cl, need_ds)
+    return ds, d_sq1, d_sq2, d_gwc_w, d_b, d_pwc1, d_pwc2
+
+
+def cru_squeeze_backward(d_up: Tensor, d_low: Tensor, did: Tensor, s: Tensor, wsq: Tensor, shape: CRUShape,
+                         channels_last: bool, need_ds: bool):
+    """(ds or None, d_sq1, d_sq2): the squeezes' backward from the squeezed tensors' gradients
+    (``cru_conv_backward``) and the CRU input s: ``cru_dsq`` merges them, one cuDNN
+    convolution backward (groups 2 when up == low) gives ds and both weights' gradients."""
+    d_sq = cru_dsq(d_up, d_low, did, shape.stride, channels_last)
     gq = _squeeze_groups(shape)
     conv_bwd = torch.ops.aten.convolution_backward.default
     ds, d_wsq, _ = conv_bwd(
@@ -305,7 +315,7 @@ def cru_backward_core(
         d_sq1, d_sq2 = d_wsq[:usq], d_wsq[usq:]
     else:
         d_sq1, d_sq2 = d_wsq[:usq, : shape.up], d_wsq[usq:, shape.up :]
-    return (ds if need_ds else None), d_sq1, d_sq2, d_gwc_w, d_b, d_pwc1, d_pwc2
+    return (ds if need_ds else None), d_sq1, d_sq2
 
 
 # ----------------------------------------------------------------------------- Function

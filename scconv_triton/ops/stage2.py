@@ -6,7 +6,8 @@ traces it), and its autograd Function.
 Backward: the CRU's down to the squeezed tensors is stage 1's (``cru_conv_backward``: Y1 and
 PWC2's output rebuilt from up and low by cuDNN, the combine's and the convolutions' backward);
 the squeezes' and the SRU's is stage 2's (``scconv_triton::stage2_sq_bwd``: s and ds rebuilt in
-registers, never stored).
+registers, never stored) where that moves fewer bytes (``squeeze_backward_pays``: not at small
+images with many channels, whose per-tile weight gradients outweigh s and ds), else stage 1's.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from ..kernels import stage2 as _k
 from .._config import SRUMath
 from ..kernels._launch import acc_dtype, channels_fastest, memory_format
 from ._dispatch import eager_direct
-from .cru import cru_conv_backward
-from .sru import gate_mode
+from .cru import cru_conv_backward, cru_squeeze_backward
+from .sru import gate_mode, sru_apply_op, sru_backward_op
 
 __all__ = ["Stage2Function", "scconv_stage2", "supports"]
 
@@ -158,15 +159,25 @@ class Stage2Function(torch.autograd.Function):
             up, low = _squeeze_call(x, mean, rstd, wsum, gn_w, gn_b, w_sq1, w_sq2, tau, mode, tf32)
         else:
             up, low = kept
-        d_up, d_low, d_id, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, _ = cru_conv_backward(
-            dout, (up, low, a), w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, True,
-            channels_fastest(x),
+        cl = channels_fastest(x)
+        d_up, d_low, d_id, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, wsq = cru_conv_backward(
+            dout, (up, low, a), w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, True, cl,
         )
         del up, low
-        dx, d_gw, d_gb, d_sq1, d_sq2 = _sq_bwd_call(
-            x, mean, rstd, gn_w, gn_b, w_sq1, w_sq2, d_up, d_low, d_id, tau, mode, torch_gn, eps,
-            int(shape.stride), bool(need_gn), bool(need_x), tf32,
-        )
+        n, c, h, w = x.shape
+        if _k.squeeze_backward_pays(n, c, h, w, shape.up_sq, shape.up, shape.low_sq, x.element_size()):
+            dx, d_gw, d_gb, d_sq1, d_sq2 = _sq_bwd_call(
+                x, mean, rstd, gn_w, gn_b, w_sq1, w_sq2, d_up, d_low, d_id, tau, mode, torch_gn, eps,
+                int(shape.stride), bool(need_gn), bool(need_x), tf32,
+            )
+        else:  # stage 1's: s and ds through memory (kernels/stage2.py, squeeze_backward_pays)
+            s = sru_apply_op(x, mean, rstd, gn_w, gn_b, tau, mode)
+            ds, d_sq1, d_sq2 = cru_squeeze_backward(d_up, d_low, d_id, s, wsq, shape, cl, need_x or need_gn)
+            del s
+            dx = d_gw = d_gb = None
+            if need_x or need_gn:
+                dx, d_gw, d_gb = sru_backward_op(ds, x, mean, rstd, gn_w, gn_b, tau, mode, torch_gn, eps, need_gn,
+                                                 need_x)
         if w_pwc2.numel() == 0:  # PWC2 has no channels (out_channels == l//r): unused, like the reference
             d_pwc2 = None
         return (
