@@ -283,7 +283,7 @@ def count_networks(layer_counts=None, size=224, batches=None, count_batches=(1, 
     batches = dict(FLOOR_BATCHES, **(batches or {}))
     b1, b2 = count_batches
     rows = []
-    todo = [n for n in NETWORKS if which is None or n[0] in which]
+    todo = [n for n in FLOOR_NETWORKS if which is None or n[0] in which]
     for label, fn, kw in todo:
         t0 = time.perf_counter()
         fam = _family(label)

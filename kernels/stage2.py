@@ -94,6 +94,19 @@ def _tile_sums(part_ptr, nn, mn, idx, mi, R, N_PB):
     return s
 
 
+@triton.jit
+def _sq_tile(pid, C, HALF, W, HW, N_PB, gw_ptr, wsum_ptr, tau_hi, tau_lo, sx_n, sx_h, sx_w,
+             HAS_WSUM: tl.constexpr, SOFTMAX: tl.constexpr, FLAT: tl.constexpr, FP64: tl.constexpr,
+             BK: tl.constexpr, BP: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The squeeze kernels' pixel tile (program pid = n N_PB + tile): n, n as int64, the BK channel
+    lanes, the int64 pixel indices and their mask, x's pixel offsets, w's (denom, shift) and tau."""
+    n, n64, cb, _cp, _mc, _m, p64 = _pair_tile(pid, HALF, HW, 1, N_PB, BK, BP)
+    wn = _get_wnorm(gw_ptr, wsum_ptr, C, HAS_WSUM, SOFTMAX, FP64, BLOCK_W)
+    tau = acc(tau_hi, FP64) + acc(tau_lo, FP64)
+    xo = pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
+    return n, n64, cb, p64, p64 < HW, xo, wn, tau
+
+
 # ----------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------
@@ -120,11 +133,8 @@ def _s2_squeeze_kernel(
     (kernels/sru.py). Grid (N * N_PB,).
     """
     pid = tl.program_id(0)
-    n, n64, cb, _cp, _mc, _m, p64 = _pair_tile(pid, HALF, HW, 1, N_PB, BK, BP)
-    mp = p64 < HW
-    wn = _get_wnorm(gw_ptr, wsum_ptr, C, True, SOFTMAX, FP64, BLOCK_W)
-    tau = acc(tau_hi, FP64) + acc(tau_lo, FP64)
-    xo = pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
+    n, n64, cb, p64, mp, xo, wn, tau = _sq_tile(pid, C, HALF, W, HW, N_PB, gw_ptr, wsum_ptr, tau_hi, tau_lo,
+                                                sx_n, sx_h, sx_w, True, SOFTMAX, FLAT, FP64, BK, BP, BLOCK_W)
     xdt = x_ptr.dtype.element_ty
     L = C - U
     ou = tl.arange(0, BU)
@@ -498,11 +508,8 @@ def _s2_sq_bwd_kernel(
     Grid (N * N_PB,).
     """
     pid = tl.program_id(0)
-    n, n64, cb, _cp, _mc, _m, p64 = _pair_tile(pid, HALF, HW, 1, N_PB, BK, BP)
-    mp = p64 < HW
-    wn = _get_wnorm(gw_ptr, gw_ptr, C, False, SOFTMAX, FP64, BLOCK_W)
-    tau = acc(tau_hi, FP64) + acc(tau_lo, FP64)
-    xo = pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
+    n, n64, cb, p64, mp, xo, wn, tau = _sq_tile(pid, C, HALF, W, HW, N_PB, gw_ptr, gw_ptr, tau_hi, tau_lo,
+                                                sx_n, sx_h, sx_w, False, SOFTMAX, FLAT, FP64, BK, BP, BLOCK_W)
     xdt = x_ptr.dtype.element_ty
     L = C - U
     du, dl = _sq_out_grads(du_ptr, dl_ptr, did_ptr, n64, p64, mp, W, STRIDE, USQ, LSQ,
@@ -558,44 +565,40 @@ def _s2_sq_dx_kernel(
     sg_n, sg_c, sg_h, sg_w,
     tau_hi, tau_lo, N_PB, ROWS, RW,
     MASK: tl.constexpr, ON: tl.constexpr, SOFTMAX: tl.constexpr, TORCH_GN: tl.constexpr,
-    HAS_WSUM: tl.constexpr, HAS_DL: tl.constexpr, NEED_X: tl.constexpr,
+    HAS_WSUM: tl.constexpr, HAS_DL: tl.constexpr,
     FLAT: tl.constexpr, FP64: tl.constexpr, EVEN: tl.constexpr, TF32: tl.constexpr,
     BU: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BLOCK_W: tl.constexpr,
     BR: tl.constexpr, BCOL: tl.constexpr,
 ):
-    """Squeeze + SRU backward, pass 2. Programs pid < N N_PB (when NEED_X): dx of BP pixels of
-    sample n, ds rebuilt as in pass 1 and the SRU's dx through kernels/sru.py's _pair_dx (a_ptr,
-    bsum_ptr: the group sums of _sru_bwd_reduce_kernel; wsum_ptr its (denom, shift), read when
-    HAS_WSUM). dx_ptr: (N, C, H, W), strides sg_*.
-    The last cdiv(RW, BCOL) programs: the squeeze weights' gradients dw1_ptr (USQ U), dw2_ptr
-    (LSQ (C - U)) in their dtype, the ROWS per-tile rows of dwp_ptr (ROWS, RW) from pass 1
-    summed in a fixed order.
-    Grid (N * N_PB * NEED_X + cdiv(RW, BCOL),).
+    """Squeeze + SRU backward, pass 2; program (pid, role), pid < ROWS = N N_PB.
+    Role 1 (launched when dx is needed): dx of pixel tile pid (sample n), ds rebuilt as in pass 1 and
+    the SRU's dx through kernels/sru.py's _pair_dx (a_ptr, bsum_ptr: the group sums of
+    _sru_bwd_reduce_kernel; wsum_ptr its (denom, shift), read when HAS_WSUM). dx_ptr:
+    (N, C, H, W), strides sg_*.
+    Role 0: the squeeze weights' gradients dw1_ptr (USQ U), dw2_ptr (LSQ (C - U)) in their
+    dtype, column blocks pid, pid + ROWS, ... of BCOL: the ROWS per-tile rows of dwp_ptr
+    (ROWS, RW) from pass 1 summed in a fixed order. (One program per tile and role: the grid
+    scales with the batch, as benchmarks/meter.py's per-sample inference expects.)
+    Grid (ROWS, 2), or (ROWS, 1) without dx.
     """
     pid = tl.program_id(0)
-    if NEED_X:
-        n_dx = ROWS
-    else:
-        n_dx = 0
-    if pid >= n_dx:  # the squeeze weights' gradient
-        col = (pid - n_dx) * BCOL + tl.arange(0, BCOL)
-        mcol = col < RW
+    if tl.program_id(1) == 0:  # the squeeze weights' gradient
         rr = tl.arange(0, BR)
-        tot = acc(tl.zeros([BR, BCOL], tl.float32), FP64)
-        for r0 in range(0, ROWS, BR):
-            r = r0 + rr
-            tot += tl.load(dwp_ptr + r.to(tl.int64)[:, None] * RW + col[None, :],
-                           mask=(r < ROWS)[:, None] & mcol[None, :], other=0.0)
-        tot = tl.sum(tot, axis=0).to(dw1_ptr.dtype.element_ty)
         n1 = USQ * U
-        tl.store(dw1_ptr + col, tot, mask=mcol & (col < n1))
-        tl.store(dw2_ptr + (col - n1), tot, mask=mcol & (col >= n1))
+        for cb0 in range(pid * BCOL, RW, ROWS * BCOL):
+            col = cb0 + tl.arange(0, BCOL)
+            mcol = col < RW
+            tot = acc(tl.zeros([BR, BCOL], tl.float32), FP64)
+            for r0 in range(0, ROWS, BR):
+                r = r0 + rr
+                tot += tl.load(dwp_ptr + r.to(tl.int64)[:, None] * RW + col[None, :],
+                               mask=(r < ROWS)[:, None] & mcol[None, :], other=0.0)
+            tot = tl.sum(tot, axis=0).to(dw1_ptr.dtype.element_ty)
+            tl.store(dw1_ptr + col, tot, mask=mcol & (col < n1))
+            tl.store(dw2_ptr + (col - n1), tot, mask=mcol & (col >= n1))
     else:
-        n, n64, cb, _cp, _mc, _m, p64 = _pair_tile(pid, HALF, HW, 1, N_PB, BK, BP)
-        mp = p64 < HW
-        wn = _get_wnorm(gw_ptr, wsum_ptr, C, HAS_WSUM, SOFTMAX, FP64, BLOCK_W)
-        tau = acc(tau_hi, FP64) + acc(tau_lo, FP64)
-        xo = pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
+        n, n64, cb, p64, mp, xo, wn, tau = _sq_tile(pid, C, HALF, W, HW, N_PB, gw_ptr, wsum_ptr, tau_hi, tau_lo,
+                                                    sx_n, sx_h, sx_w, HAS_WSUM, SOFTMAX, FLAT, FP64, BK, BP, BLOCK_W)
         go = pix_off(p64, W, sg_h, sg_w, FLAT)[None, :] + n64 * sg_n
         gdt = dx_ptr.dtype.element_ty
         du, dl = _sq_out_grads(du_ptr, dl_ptr, did_ptr, n64, p64, mp, W, STRIDE, USQ, LSQ,
@@ -927,11 +930,11 @@ def stage2_squeeze_backward(x, mean, rstd, gn_w, gn_b, w_sq1, w_sq2, d_up, d_low
     d_sq2 = torch.empty(w_sq2.shape, device=x.device, dtype=w_sq2.dtype)
     bcol = 256
     eh, el = split_float(eps)
-    _s2_sq_dx_kernel[(rows * bool(need_x) + cdiv(rw, bcol),)](
+    _s2_sq_dx_kernel[(rows, 1 + bool(need_x))](
         x, mean, rstd, gn_w, gn_b, wsum, a, bsum, w1, w2, d_up, dl, d_id, dx if need_x else x, dwp, d_sq1, d_sq2,
         C, half, u, usq, lsq, W, hw, G, CG, CG * hw, eh, el, stride,
         *sx, *sdu, *sdl, *sdi, *sg, th, tlo, n_pb, rows, rw,
-        **sw, TORCH_GN=bool(torch_gn), HAS_WSUM=gn_grad, HAS_DL=has_dl, NEED_X=bool(need_x),
+        **sw, TORCH_GN=bool(torch_gn), HAS_WSUM=gn_grad, HAS_DL=has_dl,
         BR=8, BCOL=bcol, **common,
     )
     return dx, dweight, dbias, d_sq1, d_sq2

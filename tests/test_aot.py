@@ -161,7 +161,7 @@ def test_every_kernel_and_variant_is_covered(aot_results):
             if isinstance(v, bool):
                 flags.setdefault((s.target(), k), set()).add(v)
     for name in ("SOFTMAX", "FLAT", "FP64", "TORCH_GN", "PAIRWISE", "HAS_LOW", "HAS_P", "EVEN", "TF32", "HOLD",
-                 "GN_GRAD", "HAS_DL", "NEED_X"):
+                 "GN_GRAD", "HAS_DL"):
         seen = {v for (t, k), vals in flags.items() if k == name for v in vals}
         assert seen == {True, False}, f"constexpr {name} only compiled as {seen}"
     # the SRU's mask rule and operand (every upstream revision, and the 2023-10 hard gate)

@@ -174,6 +174,24 @@ def test_fp64_stage1_squeeze_backward_where_it_moves_less(name, device, monkeypa
     assert all(v <= TOL[torch.float64] for v in errs.values()), errs
 
 
+def test_fp64_without_input_gradient(device):
+    # a network's first layer: x needs no gradient; the weights' gradients alone (the squeeze
+    # backward's second pass runs its weight-gradient programs only)
+    kw, shape, cl = CONFIGS["alpha0.75-g4-k7-s3-cl"]
+    fused, base = _pair(kw, device)
+    x = _input(kw, shape, cl, device, torch.float64)
+    g = torch.randn(base(x).shape, dtype=x.dtype, device=device)
+    with capture_launches() as calls:
+        fused(x).backward(g)
+    sq = [c for c in calls if c.name == "_s2_sq_dx_kernel"]
+    assert len(sq) == 1 and tuple(sq[0].kwargs["grid"])[1] == 1, [c.name for c in calls]
+    # the reference on an NCHW copy: torch's CPU GroupNorm backward segfaults on a channels_last
+    # fp64 input that needs no gradient (torch 2.13)
+    base(x.contiguous()).backward(g)
+    for (name, p), q in zip(fused.named_parameters(), base.parameters()):
+        assert rel(p.grad, q.grad) <= TOL[torch.float64], name
+
+
 def test_squeeze_backward_pays_by_traffic():
     # the rule's two sides at the report's shapes (fp32, batch 2): 64 channels at 56 x 56 fuse;
     # 512 channels at 7 x 7 (per-tile weight gradients of 128 x 256 x 2) do not
