@@ -556,66 +556,65 @@ def _s2_sq_bwd_kernel(
 @triton.jit
 def _s2_sq_dx_kernel(
     x_ptr, mean_ptr, rstd_ptr, gw_ptr, gb_ptr, wsum_ptr, a_ptr, bsum_ptr, w1_ptr, w2_ptr, du_ptr, dl_ptr,
-    did_ptr, dx_ptr, dwp_ptr, dw1_ptr, dw2_ptr,
+    did_ptr, dx_ptr,
     C, HALF, U, USQ, LSQ, W, HW, G, CG, M, eps_hi, eps_lo, STRIDE,
     sx_n, sx_c, sx_h, sx_w,
     sdu_n, sdu_c, sdu_h, sdu_w,
     sdl_n, sdl_c, sdl_h, sdl_w,
     sdi_n, sdi_c, sdi_h, sdi_w,
     sg_n, sg_c, sg_h, sg_w,
-    tau_hi, tau_lo, N_PB, ROWS, RW,
+    tau_hi, tau_lo, N_PB,
     MASK: tl.constexpr, ON: tl.constexpr, SOFTMAX: tl.constexpr, TORCH_GN: tl.constexpr,
     HAS_WSUM: tl.constexpr, HAS_DL: tl.constexpr,
     FLAT: tl.constexpr, FP64: tl.constexpr, EVEN: tl.constexpr, TF32: tl.constexpr,
     BU: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BLOCK_W: tl.constexpr,
-    BR: tl.constexpr, BCOL: tl.constexpr,
 ):
-    """Squeeze + SRU backward, pass 2; program (pid, role), pid < ROWS = N N_PB.
-    Role 1 (launched when dx is needed): dx of pixel tile pid (sample n), ds rebuilt as in pass 1 and
-    the SRU's dx through kernels/sru.py's _pair_dx (a_ptr, bsum_ptr: the group sums of
-    _sru_bwd_reduce_kernel; wsum_ptr its (denom, shift), read when HAS_WSUM). dx_ptr:
-    (N, C, H, W), strides sg_*.
-    Role 0: the squeeze weights' gradients dw1_ptr (USQ U), dw2_ptr (LSQ (C - U)) in their
-    dtype, column blocks pid, pid + ROWS, ... of BCOL: the ROWS per-tile rows of dwp_ptr
-    (ROWS, RW) from pass 1 summed in a fixed order. (One program per tile and role: the grid
-    scales with the batch, as benchmarks/meter.py's per-sample inference expects.)
-    Grid (ROWS, 2), or (ROWS, 1) without dx.
+    """Squeeze + SRU backward, pass 2: dx of BP pixels of sample n (program pid = n N_PB + tile),
+    ds rebuilt as in pass 1 and the SRU's dx through kernels/sru.py's _pair_dx (a_ptr, bsum_ptr:
+    the group sums of _sru_bwd_reduce_kernel; wsum_ptr its (denom, shift), read when HAS_WSUM).
+    dx_ptr: (N, C, H, W), strides sg_*. Grid (N * N_PB,).
     """
     pid = tl.program_id(0)
-    if tl.program_id(1) == 0:  # the squeeze weights' gradient
-        rr = tl.arange(0, BR)
-        n1 = USQ * U
-        for cb0 in range(pid * BCOL, RW, ROWS * BCOL):
-            col = cb0 + tl.arange(0, BCOL)
-            mcol = col < RW
-            tot = acc(tl.zeros([BR, BCOL], tl.float32), FP64)
-            for r0 in range(0, ROWS, BR):
-                r = r0 + rr
-                tot += tl.load(dwp_ptr + r.to(tl.int64)[:, None] * RW + col[None, :],
-                               mask=(r < ROWS)[:, None] & mcol[None, :], other=0.0)
-            tot = tl.sum(tot, axis=0).to(dw1_ptr.dtype.element_ty)
-            tl.store(dw1_ptr + col, tot, mask=mcol & (col < n1))
-            tl.store(dw2_ptr + (col - n1), tot, mask=mcol & (col >= n1))
-    else:
-        n, n64, cb, p64, mp, xo, wn, tau = _sq_tile(pid, C, HALF, W, HW, N_PB, gw_ptr, wsum_ptr, tau_hi, tau_lo,
-                                                    sx_n, sx_h, sx_w, HAS_WSUM, SOFTMAX, FLAT, FP64, BK, BP, BLOCK_W)
-        go = pix_off(p64, W, sg_h, sg_w, FLAT)[None, :] + n64 * sg_n
-        gdt = dx_ptr.dtype.element_ty
-        du, dl = _sq_out_grads(du_ptr, dl_ptr, did_ptr, n64, p64, mp, W, STRIDE, USQ, LSQ,
-                               sdu_n, sdu_c, sdu_h, sdu_w, sdl_n, sdl_c, sdl_h, sdl_w, sdi_n, sdi_c, sdi_h, sdi_w,
-                               HAS_DL, FLAT, FP64, BU, BL)
-        zero = acc(tl.zeros([BK, BP], tl.float32), FP64)
-        for k0 in range(0, HALF, BK):
-            c = k0 + cb
-            cp = c + HALF
-            mc = c < HALF
-            m = mc[:, None] & mp[None, :]
-            xa, xb = _pair_x(x_ptr, xo, sx_c, c, cp, m, FP64)
-            dsa, dsb = _sq_ds(w1_ptr, w2_ptr, du, dl, c, cp, mc, U, C - U, USQ, LSQ, zero, EVEN, TF32)
-            dxa, dxb = _pair_dx(xa, xb, dsa, dsb, n, c, cp, mc, mean_ptr, rstd_ptr, gw_ptr, gb_ptr, a_ptr, bsum_ptr,
-                                G, CG, wn, tau, M, eps_hi, eps_lo, MASK, ON, SOFTMAX, TORCH_GN, FP64)
-            tl.store(dx_ptr + go + c.to(tl.int64)[:, None] * sg_c, dxa.to(gdt), mask=m)
-            tl.store(dx_ptr + go + cp.to(tl.int64)[:, None] * sg_c, dxb.to(gdt), mask=m)
+    n, n64, cb, p64, mp, xo, wn, tau = _sq_tile(pid, C, HALF, W, HW, N_PB, gw_ptr, wsum_ptr, tau_hi, tau_lo,
+                                                sx_n, sx_h, sx_w, HAS_WSUM, SOFTMAX, FLAT, FP64, BK, BP, BLOCK_W)
+    go = pix_off(p64, W, sg_h, sg_w, FLAT)[None, :] + n64 * sg_n
+    gdt = dx_ptr.dtype.element_ty
+    du, dl = _sq_out_grads(du_ptr, dl_ptr, did_ptr, n64, p64, mp, W, STRIDE, USQ, LSQ,
+                           sdu_n, sdu_c, sdu_h, sdu_w, sdl_n, sdl_c, sdl_h, sdl_w, sdi_n, sdi_c, sdi_h, sdi_w,
+                           HAS_DL, FLAT, FP64, BU, BL)
+    zero = acc(tl.zeros([BK, BP], tl.float32), FP64)
+    for k0 in range(0, HALF, BK):
+        c = k0 + cb
+        cp = c + HALF
+        mc = c < HALF
+        m = mc[:, None] & mp[None, :]
+        xa, xb = _pair_x(x_ptr, xo, sx_c, c, cp, m, FP64)
+        dsa, dsb = _sq_ds(w1_ptr, w2_ptr, du, dl, c, cp, mc, U, C - U, USQ, LSQ, zero, EVEN, TF32)
+        dxa, dxb = _pair_dx(xa, xb, dsa, dsb, n, c, cp, mc, mean_ptr, rstd_ptr, gw_ptr, gb_ptr, a_ptr, bsum_ptr,
+                            G, CG, wn, tau, M, eps_hi, eps_lo, MASK, ON, SOFTMAX, TORCH_GN, FP64)
+        tl.store(dx_ptr + go + c.to(tl.int64)[:, None] * sg_c, dxa.to(gdt), mask=m)
+        tl.store(dx_ptr + go + cp.to(tl.int64)[:, None] * sg_c, dxb.to(gdt), mask=m)
+
+
+@triton.jit
+def _s2_sq_wsum_kernel(dwp_ptr, dw1_ptr, dw2_ptr, ROWS, RW, N1, FP64: tl.constexpr, BR: tl.constexpr,
+                       BCOL: tl.constexpr):
+    """The squeeze weights' gradients from pass 1's per-tile rows dwp_ptr (ROWS, RW), summed in a
+    fixed order: columns [0, N1) into dw1_ptr (USQ U), the rest into dw2_ptr (LSQ (C - U)), in
+    their dtype. A launch of its own: a reduction over the batch (its grid does not scale with
+    it, so benchmarks/meter.py interprets it rather than inferring it per sample).
+    Grid (cdiv(RW, BCOL),)."""
+    col = tl.program_id(0) * BCOL + tl.arange(0, BCOL)
+    mcol = col < RW
+    rr = tl.arange(0, BR)
+    tot = acc(tl.zeros([BR, BCOL], tl.float32), FP64)
+    for r0 in range(0, ROWS, BR):
+        r = r0 + rr
+        tot += tl.load(dwp_ptr + r.to(tl.int64)[:, None] * RW + col[None, :], mask=(r < ROWS)[:, None] & mcol[None, :],
+                       other=0.0)
+    tot = tl.sum(tot, axis=0).to(dw1_ptr.dtype.element_ty)
+    tl.store(dw1_ptr + col, tot, mask=mcol & (col < N1))
+    tl.store(dw2_ptr + (col - N1), tot, mask=mcol & (col >= N1))
 
 
 # ----------------------------------------------------------------------------------------
@@ -884,8 +883,8 @@ def stage2_squeeze_backward(x, mean, rstd, gn_w, gn_b, w_sq1, w_sq2, d_up, d_low
     Returns (dx or None, d gamma, d beta (None unless need_params and the mode has a
     GroupNorm gradient), d w_sq1, d w_sq2) in the input's / the weights' dtypes.
     Launches: pass 1 (_s2_sq_bwd_kernel), the SRU's reduce (and finalize for d gamma, d beta)
-    when the GroupNorm has a gradient, pass 2 (_s2_sq_dx_kernel: dx and the squeeze weights'
-    gradient): 2 to 4.
+    when the GroupNorm has a gradient, the squeeze weights' gradient (_s2_sq_wsum_kernel), pass 2
+    (_s2_sq_dx_kernel: dx, when needed): 2 to 5.
     """
     N, C, H, W = x.shape
     usq, u = w_sq1.shape[:2]
@@ -929,12 +928,14 @@ def stage2_squeeze_backward(x, mean, rstd, gn_w, gn_b, w_sq1, w_sq2, d_up, d_low
     d_sq1 = torch.empty(w_sq1.shape, device=x.device, dtype=w_sq1.dtype)
     d_sq2 = torch.empty(w_sq2.shape, device=x.device, dtype=w_sq2.dtype)
     bcol = 256
-    eh, el = split_float(eps)
-    _s2_sq_dx_kernel[(rows, 1 + bool(need_x))](
-        x, mean, rstd, gn_w, gn_b, wsum, a, bsum, w1, w2, d_up, dl, d_id, dx if need_x else x, dwp, d_sq1, d_sq2,
-        C, half, u, usq, lsq, W, hw, G, CG, CG * hw, eh, el, stride,
-        *sx, *sdu, *sdl, *sdi, *sg, th, tlo, n_pb, rows, rw,
-        **sw, TORCH_GN=bool(torch_gn), HAS_WSUM=gn_grad, HAS_DL=has_dl,
-        BR=8, BCOL=bcol, **common,
-    )
+    _s2_sq_wsum_kernel[(cdiv(rw, bcol),)](dwp, d_sq1, d_sq2, rows, rw, usq * u, FP64=fp64, BR=8, BCOL=bcol,
+                                          num_warps=4)
+    if need_x:
+        eh, el = split_float(eps)
+        _s2_sq_dx_kernel[(rows,)](
+            x, mean, rstd, gn_w, gn_b, wsum, a, bsum, w1, w2, d_up, dl, d_id, dx,
+            C, half, u, usq, lsq, W, hw, G, CG, CG * hw, eh, el, stride,
+            *sx, *sdu, *sdl, *sdi, *sg, th, tlo, n_pb,
+            **sw, TORCH_GN=bool(torch_gn), HAS_WSUM=gn_grad, HAS_DL=has_dl, **common,
+        )
     return dx, dweight, dbias, d_sq1, d_sq2

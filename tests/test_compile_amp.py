@@ -42,10 +42,12 @@ def test_compiled_graph_calls_the_fused_custom_ops(device):
         return gm.forward
 
     x = torch.randn(1, 16, 4, 4, dtype=torch.float64, device=device)
-    for stage, fwd_ops in ((2, ["stage2_fwd"]), (1, ["sru_fwd", "cru_combine"])):
+    for stage, rc, fwd_ops, bwd_ops in ((2, False, ["stage2_fwd"], ["stage2_sq_bwd", "cru_combine_bwd"]),
+                                        (2, True, ["stage2_fwd"], ["stage2_squeeze", "stage2_sq_bwd"]),
+                                        (1, False, ["sru_fwd", "cru_combine"], ["sru_bwd", "cru_combine_bwd"])):
         torch._dynamo.reset()
         graphs.clear()
-        fused.stage = stage
+        fused.stage, fused.recompute = stage, rc
         torch.compile(fused, fullgraph=True, backend=backend)(x)
         (gm,) = graphs  # one graph: no break
         assert "autograd_function_apply" in gm.code
@@ -53,8 +55,8 @@ def test_compiled_graph_calls_the_fused_custom_ops(device):
         fwd = gm.fwd_body_0.code
         bwd = gm.bwd_body_0.code
         assert all(f"torch.ops.scconv_triton.{op}" in fwd for op in fwd_ops), (stage, fwd)
-        # both stages' backward: the stage-1 SRU and CRU backward kernels
-        assert "torch.ops.scconv_triton.sru_bwd" in bwd and "torch.ops.scconv_triton.cru_combine_bwd" in bwd
+        # stage 2's backward: the fused squeeze + SRU backward; stage 1's: its SRU backward
+        assert all(f"torch.ops.scconv_triton.{op}" in bwd for op in bwd_ops), (stage, bwd)
 
 
 def test_compile_reference_backend_runs(device):
