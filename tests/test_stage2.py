@@ -134,19 +134,19 @@ def test_fp64_recompute_matches_reference(name, device):
     assert [c.name for c in calls].count("_s2_squeeze_kernel") == 2
 
 
-@pytest.mark.parametrize("kw", [dict(op_channel=64, alpha=0.75, stride=2, out_channels=24),
-                                dict(op_channel=64, group_num=8, gate="hard", softmax="pairwise")],
-                         ids=["uneven-s2", "even-hard"])
-def test_fp64_squeeze_backward_in_many_tiles(kw, device, monkeypatch):
+def test_fp64_squeeze_backward_in_many_tiles(device, monkeypatch):
     # a small register cap: many pixel tiles per sample (the per-tile weight-gradient and P / Q
-    # rows reduced in the second pass) and channel pairs in two blocks of 16 (HALF = 32)
+    # rows reduced by _s2_sq_wsum_kernel, the P / Q rows by the SRU's reduce) and channel pairs in
+    # two blocks of 16 (HALF = 32)
     monkeypatch.setattr(ks2, "_SQ_PER_THREAD", 8)
+    monkeypatch.setattr(ks2, "_SQB_PER_THREAD", 8)
     ks2._squeeze_tiles.cache_clear()
     try:
+        kw = dict(op_channel=64, alpha=0.75, stride=2, out_channels=24)
         fused, base = _pair(kw, device)
         sh = fused.CRU.shape
         bp = ks2._bwd_tiles(sh.up_sq, sh.low_sq, 9 * 11, 8)[3]
-        assert ks2.cdiv(9 * 11, bp) >= 4, bp
+        assert ks2.cdiv(9 * 11, bp) >= 6, bp
         _check(fused, base, _input(kw, (2, 9, 11), True, device, torch.float64), TOL[torch.float64])
     finally:
         monkeypatch.undo()
