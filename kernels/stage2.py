@@ -26,6 +26,13 @@ PWC1 (Cout x USQ), PWC2 (P x LSQ, P = Cout - LSQ) and output Ho x Wo (DESIGN.md,
                       channels of low at the strided positions (low loaded once), the softmax of
                       the means (channel or pairwise), out = A1 Y1 + A2 Y2 written once.
 
+Backward, the squeezes' and the SRU's (s and ds rebuilt in registers, never stored):
+  _s2_sq_bwd_kernel   per (n, pixel tile): s from x (kernels/sru.py's _pair_gate), the per-tile
+                      squeeze-weight gradients [d_up s[:u]^T, d_low s[u:]^T], ds = Wsq^T [d_up;
+                      d_low] and the SRU's P / Q sums (reduced by sru.py's sru_reduce);
+  _s2_sq_wsum_kernel  the weight-gradient rows summed in a fixed order;
+  _s2_sq_dx_kernel    per (n, pixel tile): ds again, dx through sru.py's _pair_dx.
+
 Precision: the dots take the storage dtype (fp16 / bf16 tensor cores with fp32 accumulation;
 fp32 with TF32 exactly when the launcher is asked for it, IEEE otherwise; fp64 in fp64).
 Reductions have a fixed order (no atomics): results are bitwise reproducible. Offsets are int64.
