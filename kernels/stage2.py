@@ -1,4 +1,4 @@
-"""Stage 2 of the fused SCConv forward: the convolutions in Triton; s, Y1, Y2 and P2 never stored.
+"""Stage 2 of the fused SCConv: the convolutions in Triton; s, Y1, Y2 and P2 never stored.
 
 With x (N, C, H, W), h = C // 2, u / l the CRU's up / low split of s, squeezed to USQ / LSQ
 channels, GWC k x k (G groups of CIG input and COG output channels, pad p = k // 2, stride st),
