@@ -86,6 +86,33 @@ def _softmax_coeffs(m_ptr, n, c, cm, C, mx, den, PAIRWISE: tl.constexpr):
     return a1, a2
 
 
+@triton.jit
+def _softmax_dot(row_a, row_g, C, BLOCK_M: tl.constexpr):
+    """sum over the 2C entries of one sample of A * dA (the channel softmax's backward term)."""
+    j = tl.arange(0, BLOCK_M)
+    jm = j < 2 * C
+    dot = tl.sum(tl.load(row_a + j, mask=jm, other=0.0) * tl.load(row_g + j, mask=jm, other=0.0), axis=0)
+    for start in range(BLOCK_M, 2 * C, BLOCK_M):
+        jm = start + j < 2 * C
+        dot += tl.sum(tl.load(row_a + start + j, mask=jm, other=0.0) * tl.load(row_g + start + j, mask=jm, other=0.0),
+                      axis=0)
+    return dot
+
+
+@triton.jit
+def _softmax_bwd(a1, a2, g1, g2, dot, HW, PAIRWISE: tl.constexpr):
+    """(k1, k2) = dm / HW of the channels whose (A1, A2, dA1, dA2) are given: dm_j = A_j (dA_j -
+    sum_k A_k dA_k), k over the sample's 2C entries (``dot``, _softmax_dot) or, PAIRWISE, over the
+    pair. dY1 = A1 dout + k1 and dY2 = A2 dout + k2 (the pooled mean's gradient spread evenly)."""
+    if PAIRWISE:
+        k1 = a1 * (g1 - (a1 * g1 + a2 * g2)) / HW
+        k2 = a2 * (g2 - (a1 * g1 + a2 * g2)) / HW
+    else:
+        k1 = a1 * (g1 - dot) / HW
+        k2 = a2 * (g2 - dot) / HW
+    return k1, k2
+
+
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _cru_weights_kernel(
@@ -285,15 +312,9 @@ def _cru_combine_bwd_kernel(
     pid_c = tl.program_id(1)
     row_a = a_ptr + n * (2 * C)
     row_g = da_ptr + n * (2 * C)
+    dot = 0.0
     if not PAIRWISE:
-        j = tl.arange(0, BLOCK_M)
-        jm = j < 2 * C
-        dot = tl.sum(tl.load(row_a + j, mask=jm, other=0.0) * tl.load(row_g + j, mask=jm, other=0.0), axis=0)
-        for start in range(BLOCK_M, 2 * C, BLOCK_M):
-            jm = start + j < 2 * C
-            dot += tl.sum(
-                tl.load(row_a + start + j, mask=jm, other=0.0) * tl.load(row_g + start + j, mask=jm, other=0.0), axis=0
-            )
+        dot = _softmax_dot(row_a, row_g, C, BLOCK_M)
     start = pid_hw * BLOCK_HW
     od, hm = _hw_offsets(start, HW, Wo, sd_h, sd_w, BLOCK_HW)
     oy, _ = _hw_offsets(start, HW, Wo, sy_h, sy_w, BLOCK_HW)
@@ -309,12 +330,7 @@ def _cru_combine_bwd_kernel(
         a2 = tl.load(row_a + C + c, mask=cm, other=0.0)
         g1 = tl.load(row_g + c, mask=cm, other=0.0)
         g2 = tl.load(row_g + C + c, mask=cm, other=0.0)
-        if PAIRWISE:
-            k1 = a1 * (g1 - (a1 * g1 + a2 * g2)) / HW
-            k2 = a2 * (g2 - (a1 * g1 + a2 * g2)) / HW
-        else:
-            k1 = a1 * (g1 - dot) / HW
-            k2 = a2 * (g2 - dot) / HW
+        k1, k2 = _softmax_bwd(a1, a2, g1, g2, dot, HW, PAIRWISE)
         mm = cm[:, None] & hm[None, :]
         d = acc(tl.load(do_ptr + n * sd_n + c64[:, None] * sd_c + od[None, :], mask=mm, other=0.0), F64)
         dy1 = a1[:, None] * d + k1[:, None]

@@ -290,6 +290,31 @@ def _tap(tile, dy, dx, STRIDE: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr)
 
 
 @triton.jit
+def _tile_lanes(GP: tl.constexpr, CIGP: tl.constexpr, RHP: tl.constexpr, RWP: tl.constexpr, BH: tl.constexpr,
+                BW: tl.constexpr):
+    """The conv kernels' lane indices: output lanes (row, column) of BH x BW, groups, a group's
+    input channels, the up tile's rows and columns."""
+    q = tl.arange(0, BH * BW)
+    return q // BW, q % BW, tl.arange(0, GP), tl.arange(0, CIGP), tl.arange(0, RHP), tl.arange(0, RWP)
+
+
+@triton.jit
+def _tap_block(tile, i, K: tl.constexpr, STRIDE: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+               TPD: tl.constexpr):
+    """[GP, TPD * CIGP, BH * BW] operand of the GWC's K block i: taps i TPD .. i TPD + TPD - 1
+    (rows (tap, ci)). Past the last tap the last one again (its weights are 0, its products
+    never stored)."""
+    KK: tl.constexpr = K * K
+    t = i * TPD
+    op = _tap(tile, t // K, t % K, STRIDE, BH, BW)
+    if TPD == 2:
+        t2 = tl.minimum(t + 1, KK - 1)
+        op2 = _tap(tile, t2 // K, t2 % K, STRIDE, BH, BW)
+        op = tl.reshape(tl.permute(tl.join(op, op2), (0, 3, 1, 2)), [op.shape[0], 2 * op.shape[1], op.shape[2]])
+    return op
+
+
+@triton.jit
 def _y2_weights(w2_ptrs, w2_mask, ident, a2, HAS_P: tl.constexpr, FP64: tl.constexpr):
     """A2-scaled rows of Y2's matrix [BR, BL]: PWC2's weights (HAS_P; rows c < P) and the one-hot
     rows of the identity channels."""
@@ -375,13 +400,7 @@ def _s2_conv_kernel(
         w1h = (acc(tl.load(w1_ptrs, mask=w1_mask, other=0.0), FP64) * a1[:, None]).to(wdt)
         w2h = _y2_weights(w2_ptrs, w2_mask, ident, a2, HAS_P, FP64).to(wdt)
 
-    q = tl.arange(0, BQ)
-    qh = q // BW
-    qw = q % BW
-    gi = tl.arange(0, GP)
-    ci = tl.arange(0, CIGP)
-    tr = tl.arange(0, RHP)
-    tc = tl.arange(0, RWP)
+    qh, qw, gi, ci, tr, tc = _tile_lanes(GP, CIGP, RHP, RWP, BH, BW)
     iw = wb * (OWT * STRIDE) - PAD + tc
     ow = wb * OWT + qw
     for rb in range(rb0, rb0 + nrb):
@@ -417,11 +436,7 @@ def _s2_conv_kernel(
             o = tl.reshape(o, [GP, BCO, BQ])
             for i in range(0, (KK + TPD - 1) // TPD):
                 t = i * TPD
-                op = _tap(tile, t // K, t % K, STRIDE, BH, BW)
-                if TPD == 2:
-                    t2 = tl.minimum(t + 1, KK - 1)  # past the last tap: any operand (its weights are 0)
-                    op2 = _tap(tile, t2 // K, t2 % K, STRIDE, BH, BW)
-                    op = tl.reshape(tl.permute(tl.join(op, op2), (0, 3, 1, 2)), [GP, BKG, BQ])
+                op = _tap_block(tile, i, K, STRIDE, BH, BW, TPD)
                 if HOLD:  # block i of the held weights (a select in registers, no load)
                     w = tl.sum(tl.where((ich == i)[None, :, None], wall, 0.0), axis=1).to(wdt)
                 else:

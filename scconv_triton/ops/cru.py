@@ -40,6 +40,7 @@ __all__ = [
     "cru_forward_core",
     "cru_backward_core",
     "cru_conv_backward",
+    "cru_convs_backward",
     "cru_squeeze_backward",
     "CRUFunction",
     "cru",
@@ -252,22 +253,32 @@ def cru_conv_backward(
         y1 = F.conv2d(up, wm, b_gwc, stride=st, padding=k // 2)
         p2 = _pwc2(low, w_pwc2, shape, y1)
     ident = low[:, :, ::st, ::st]
-    pairwise = softmax == "pairwise"
     da = cru_reduce(dout, y1, p2, ident)
-    dy1, dp2, did = cru_combine_bwd(dout, a, da, shape.pwc2_out, pairwise, y1.dtype, channels_last)
+    d_up, d_low, did, d_wm, d_b, d_pwc2 = cru_convs_backward(
+        dout, a, da, up, low, wm, w_pwc2, shape, softmax, channels_last, True)
+    d_gwc_w, d_pwc1 = cru_wgrad(d_wm, g)
+    return d_up, d_low, did, d_gwc_w, d_b, d_pwc1, d_pwc2, wsq
+
+
+def cru_convs_backward(dout: Tensor, a: Tensor, da: Tensor, up: Tensor, low: Tensor, wm: Tensor, w_pwc2: Tensor,
+                       shape: CRUShape, softmax: str, channels_last: bool, wgrad: bool):
+    """From dout, A and dA: the combine's backward (``cru_combine_bwd``: dY1, dP2, d_id) and the
+    convolutions' (cuDNN, with the merged Y1 weight ``wm``). Returns (d_up, d_low, d_id, d_wm,
+    d_b, d_pwc2); the last three None unless ``wgrad``. d_low is empty when PWC2 has no channels."""
+    st, k = shape.stride, shape.kernel_size
+    dy1, dp2, did = cru_combine_bwd(dout, a, da, shape.pwc2_out, softmax == "pairwise", up.dtype, channels_last)
     conv_bwd = torch.ops.aten.convolution_backward.default
     d_up, d_wm, d_b = conv_bwd(
-        dy1, up, wm, [shape.out_channels], [st, st], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [True, True, True]
+        dy1, up, wm, [shape.out_channels], [st, st], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [True, wgrad, wgrad]
     )
     if shape.pwc2_out > 0:
         d_low, d_pwc2, _ = conv_bwd(
-            dp2, low, w_pwc2, None, [st, st], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False]
+            dp2, low, w_pwc2, None, [st, st], [0, 0], [1, 1], False, [0, 0], 1, [True, wgrad, False]
         )
     else:
         d_low = low.new_empty((0,))
-        d_pwc2 = torch.empty_like(w_pwc2)  # PWC2 has no output channels: zero elements, no launch
-    d_gwc_w, d_pwc1 = cru_wgrad(d_wm, g)
-    return d_up, d_low, did, d_gwc_w, d_b, d_pwc1, d_pwc2, wsq
+        d_pwc2 = torch.empty_like(w_pwc2) if wgrad else None  # PWC2 has no output channels: no launch
+    return d_up, d_low, did, d_wm, d_b, d_pwc2
 
 
 def cru_backward_core(
