@@ -14,6 +14,7 @@ import torch
 import scconv_triton
 from scconv_triton import reference as ref
 from scconv_triton.kernels import stage2 as ks2
+from scconv_triton.kernels import stage2_bwd as kb
 from scconv_triton.testing import capture_launches
 from _helpers import TOL, cpu_only, draw_away_from_gate, rel
 from test_scconv import _pair as _pair_cfg
@@ -22,6 +23,8 @@ from test_scconv import _run
 STAGE2 = ["_sru_stats_partial_kernel", "_sru_stats_merge_kernel", "_s2_squeeze_kernel", "_s2_means_kernel",
           "_s2_conv_kernel"]
 STAGE2_BWD = ["_s2_sq_bwd_kernel", "_s2_sq_wsum_kernel", "_s2_sq_dx_kernel"]  # the squeezes' + SRU's backward (ops/stage2.py)
+STAGE2_DW = ["_s2_dw_kernel", "_s2_dsoft_kernel", "_s2_dw_reduce_kernel"]  # dA + conv weight gradients
+NO_DW = {"alpha0.75-g4-k7-s3-cl"}  # k = 7: no _s2_dw_kernel tile fits (dw_plan None), stage 1's conv backward
 
 # (SCConv kwargs, (N, H, W), channels_last): together every option of the module
 CONFIGS = {
@@ -67,13 +70,25 @@ def _ieee():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _check(fused, base, x, tol):
+def _dw_runs(fused, x):
+    sh = fused.CRU.shape
+    g = sh.group_size
+    n, _, h, w = x.shape
+    ieee = x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
+    return kb.dw_plan(n, h, w, sh.kernel_size, sh.stride, g, sh.up_sq // g, sh.out_channels // g, sh.up_sq,
+                      sh.low_sq, x.dtype == torch.float64, x.element_size(), ieee) is not None
+
+
+def _check(fused, base, x, tol, dw=True):
     g = torch.randn(base(x).shape, dtype=x.dtype, device=x.device)
     with capture_launches(keep_args=False) as calls:
         yf, dxf, gf = _run(fused, x, g)
     names = [c.name for c in calls]
     assert names[:5] == STAGE2, names  # stage 2 ran, not the stage-1 fallback
     assert all(k in names for k in STAGE2_BWD) and "_sru_bwd_dx_kernel" not in names, names
+    # dA and the conv weight gradients without Y1 (no _cru_zsum_kernel), except where dw_plan has no tile
+    assert _dw_runs(fused, x) == dw, "the dw pass's tiling changed: update NO_DW"
+    assert all((k in names) == dw for k in STAGE2_DW) and ("_cru_zsum_kernel" in names) != dw, names
     yr, dxr, gr = _run(base, x, g)
     assert yf.shape == yr.shape and yf.dtype == yr.dtype
     assert yf.is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(memory_format=torch.channels_last)
@@ -93,7 +108,7 @@ def _check(fused, base, x, tol):
 def test_fp64_matches_reference(name, device):
     kw, shape, cl = CONFIGS[name]
     fused, base = _pair(kw, device)
-    _check(fused, base, _input(kw, shape, cl, device, torch.float64), TOL[torch.float64])
+    _check(fused, base, _input(kw, shape, cl, device, torch.float64), TOL[torch.float64], dw=name not in NO_DW)
 
 
 @pytest.mark.parametrize("caps", [dict(_UP_TILE=256), dict(_HELD=0), dict(_UP_TILE=1024, _OUT_TILE=1024)],
@@ -128,10 +143,30 @@ def test_fp64_recompute_matches_reference(name, device):
     fused, base = _pair(kw, device)
     fused.recompute = True
     x = _input(kw, shape, cl, device, torch.float64)
-    _check(fused, base, x, TOL[torch.float64])
+    _check(fused, base, x, TOL[torch.float64], dw=name not in NO_DW)
     with capture_launches(keep_args=False) as calls:
         _run(fused, x, torch.randn(base(x).shape, dtype=x.dtype, device=device))
     assert [c.name for c in calls].count("_s2_squeeze_kernel") == 2
+
+
+def test_fp64_dw_pass_in_many_programs(device, monkeypatch):
+    # the dw pass's partials: several programs over the output tiles (N_SP > 1, their per-sample
+    # products reduced in a fixed order) and several channel blocks (N_CB > 1: T and L written by
+    # block 0 only), forced by a large partial share and a small register cap at a small shape
+    monkeypatch.setattr(kb, "_DW_PARTIAL_SHARE", 1e3)
+    monkeypatch.setattr(kb, "_DW_HELD", 10000)
+    monkeypatch.setattr(kb, "_DW_TILE", 6144)
+    kb.dw_plan.cache_clear()
+    try:
+        kw = dict(op_channel=32, out_channels=72, group_size=2, stride=2, group_kernel_size=5)
+        fused, base = _pair(kw, device)
+        sh = fused.CRU.shape
+        plan = kb.dw_plan(2, 13, 11, 5, 2, 2, sh.up_sq // 2, 36, sh.up_sq, sh.low_sq, True, 8)
+        assert plan["N_SP"] > 1 and plan["N_CB"] > 1, plan
+        _check(fused, base, _input(kw, (2, 13, 11), True, device, torch.float64), TOL[torch.float64])
+    finally:
+        monkeypatch.undo()
+        kb.dw_plan.cache_clear()
 
 
 def test_fp64_squeeze_backward_in_many_tiles(device, monkeypatch):

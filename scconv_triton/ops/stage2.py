@@ -3,9 +3,11 @@ statistics (kernels/stage2.py: squeeze with the SRU as prologue, pooled means, c
 custom op ``scconv_triton::stage2_fwd`` with a fake implementation (torch.compile(fullgraph=True)
 traces it), and its autograd Function.
 
-Backward: the CRU's down to the squeezed tensors is stage 1's (``cru_conv_backward``: Y1 and
-PWC2's output rebuilt from up and low by cuDNN, the combine's and the convolutions' backward);
-the squeezes' and the SRU's is stage 2's (``scconv_triton::stage2_sq_bwd``: s and ds rebuilt in
+Backward: dA and the convolution weights' gradients by kernels/stage2_bwd.py
+(``scconv_triton::stage2_dw``: one pass over dout, up and low; Y1 and PWC2's output never
+rebuilt) where it has a tile (``dw_plan``; else stage 1's ``cru_conv_backward``, which rebuilds
+them by cuDNN); the combine's backward and the input gradients of the convolutions are stage 1's
+(``cru_convs_backward``: cuDNN); the squeezes' and the SRU's is stage 2's (``scconv_triton::stage2_sq_bwd``: s and ds rebuilt in
 registers, never stored) where that moves fewer bytes (``squeeze_backward_pays``: not at small
 images with many channels, whose per-tile weight gradients outweigh s and ds), else stage 1's.
 """
@@ -15,10 +17,11 @@ import torch
 
 from ..kernels import sru as _ks
 from ..kernels import stage2 as _k
+from ..kernels import stage2_bwd as _kb
 from .._config import SRUMath
 from ..kernels._launch import acc_dtype, channels_fastest, memory_format
 from ._dispatch import eager_direct
-from .cru import cru_conv_backward, cru_squeeze_backward
+from .cru import cru_conv_backward, cru_convs_backward, cru_squeeze_backward, cru_weights
 from .sru import gate_mode, sru_apply_op, sru_backward_op
 
 __all__ = ["Stage2Function", "scconv_stage2", "supports"]
@@ -118,6 +121,54 @@ def _sq_bwd_fake(x, mean, rstd, gn_w, gn_b, w_sq1, w_sq2, d_up, d_low, d_id, tau
 _sq_bwd_call = eager_direct(_sq_bwd_op, _sq_bwd_impl)
 
 
+def _dw_impl(
+    dout: torch.Tensor, up: torch.Tensor, low: torch.Tensor, a: torch.Tensor, w_gwc: torch.Tensor,
+    b_gwc: torch.Tensor, w_pwc1: torch.Tensor, w_pwc2: torch.Tensor, stride: int, groups: int, pairwise: bool,
+    tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    da, _, dwg, db, dw1, dw2 = _kb.stage2_dw(dout, up, low, a, w_gwc, b_gwc, w_pwc1, w_pwc2, stride, groups,
+                                             pairwise, tf32)
+    return (da, dwg.to(w_gwc.dtype), db.to(b_gwc.dtype), dw1.to(w_pwc1.dtype).view(w_pwc1.shape),
+            dw2.to(w_pwc2.dtype).view(w_pwc2.shape))
+
+
+_dw_op = torch.library.custom_op("scconv_triton::stage2_dw", _dw_impl, mutates_args=())
+
+
+@_dw_op.register_fake
+def _dw_fake(dout, up, low, a, w_gwc, b_gwc, w_pwc1, w_pwc2, stride, groups, pairwise, tf32):
+    return (torch.empty_like(a), torch.empty_like(w_gwc), torch.empty_like(b_gwc), torch.empty_like(w_pwc1),
+            torch.empty_like(w_pwc2))
+
+
+_dw_call = eager_direct(_dw_op, _dw_impl)
+
+
+def _dw_runs(shape, up: torch.Tensor, tf32: bool) -> bool:
+    """Whether _s2_dw_kernel has a tile for this shape (else the stage-1 convolution backward)."""
+    n, usq, h, w = up.shape
+    g = shape.group_size
+    return _kb.dw_plan(n, h, w, shape.kernel_size, shape.stride, g, usq // g, shape.out_channels // g, usq,
+                       shape.low_sq, up.dtype == torch.float64, up.element_size(),
+                       up.dtype == torch.float32 and not tf32) is not None
+
+
+def _conv_backward(dout, up, low, a, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, tf32, cl):
+    """(d_up, d_low, d_id, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, wsq) as ``cru_conv_backward``: dA and the
+    weight gradients by stage2_dw (no Y1 or PWC2 output rebuilt) where it has a tile, the combine's
+    and the input gradients by stage 1's (cuDNN) kernels."""
+    if not _dw_runs(shape, up, tf32):
+        return cru_conv_backward(dout, (up, low, a), w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax,
+                                 True, cl)
+    da, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2 = _dw_call(
+        dout, up, low, a, w_gwc, b_gwc, w_pwc1, w_pwc2, int(shape.stride), int(shape.group_size),
+        softmax == "pairwise", bool(tf32),
+    )
+    wm, wsq = cru_weights(w_gwc, w_pwc1, w_sq1, w_sq2, shape.group_size, cl)
+    d_up, d_low, d_id, _, _, _ = cru_convs_backward(dout, a, da, up, low, wm, w_pwc2, shape, softmax, cl, False)
+    return d_up, d_low, d_id, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, wsq
+
+
 class Stage2Function(torch.autograd.Function):
     """out = CRU(SRU(x)), forward by the stage-2 kernels.
 
@@ -130,9 +181,9 @@ class Stage2Function(torch.autograd.Function):
     Never stored, forward or backward: s, ds, Y2; not saved: Y1, PWC2's output (never stored in
     the forward) and the pooled-mean partial sums.
     Recomputes in backward: with ``recompute`` up and low (the squeeze kernel again, from x and
-    the statistics); the merged convolution weights, Y1 and PWC2's output from up and low (two
-    cuDNN convolutions, ``cru_conv_backward``); s, xhat and the gate from x in the squeeze
-    backward's registers (twice: its two passes).
+    the statistics); the merged convolution weight (for cuDNN's input gradients); s, xhat and
+    the gate from x in the squeeze backward's registers (twice: its two passes); Y1 and PWC2's
+    output (two cuDNN convolutions, ``cru_conv_backward``) only where stage2_dw has no tile.
     """
 
     @staticmethod
@@ -160,8 +211,8 @@ class Stage2Function(torch.autograd.Function):
         else:
             up, low = kept
         cl = channels_fastest(x)
-        d_up, d_low, d_id, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, wsq = cru_conv_backward(
-            dout, (up, low, a), w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, True, cl,
+        d_up, d_low, d_id, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, wsq = _conv_backward(
+            dout, up, low, a, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, tf32, cl,
         )
         del up, low
         n, c, h, w = x.shape

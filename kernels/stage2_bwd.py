@@ -1,0 +1,431 @@
+"""Stage 2's convolution backward: dA and every convolution weight's gradient without Y1 or Y2.
+
+Notation as in kernels/stage2.py (G groups of CIG input / COG output channels, k x k taps, pad
+p, stride st, PWC1 Cout x USQ, PWC2 P x LSQ, output Ho x Wo). With D = dout, the combine's
+gradient is dY1 = A1 D + k1 and dY2 = A2 D + k2 (k = dm / (Ho Wo), the pooled means' gradient
+spread over the image; ``_softmax_bwd``). Everything needed follows from per-sample products of
+D with the convolutions' operands, which one pass over (D, up, low) forms tile by tile:
+
+  G[n, c, ci, tap] = sum_o D[n, c, o] up[n, g(c) CIG + ci, o st + tap - p]   (GWC; zero padded)
+  G1[n, c, ci]     = the same at the centre tap, over all USQ channels         (PWC1)
+  G2[n, c, cl]     = sum_o D[n, c, o] low[n, cl, o st]                         (PWC2, identity)
+
+  dA1[n, c] = sum_o D Y1 = sum Wg G + sum W1 G1 + b sum_o D[n, c]
+  dA2[n, c] = sum W2 G2 (c < P), G2[n, c, c - P] (identity channels)
+  dWg[c]    = sum_n A1[n, c] G[n, c] + k1[n, c] T[n]      (T: up's per-sample tap sums)
+  dW1, dW2  likewise (T at the centre tap; L: low's sums on the strided grid)
+  db[c]     = sum_n A1[n, c] sum_o D[n, c] + Ho Wo k1[n, c]
+
+The products are per-sample weight-sized rows (one per program and sample, reduced in a fixed
+order); dA contracts them with the weights, the weight gradients weight them by A and add k T.
+
+  _s2_dw_kernel        per (set of output tiles, block of output channels of every group), over
+                       all samples: G, G1, G2, sum_o D of each sample (gpart), T and L (tpart). The
+                       GWC's tap blocks accumulate in two sets whose sizes are powers of two
+                       (k = 3: 4 + 1 blocks of two taps, not 8): fewer registers.
+  _s2_dsoft_kernel     per sample: T, L and dA summed over the programs, the softmax backward -> k.
+  _s2_dw_reduce_kernel per (channel block, column block): the weight gradients, sum over samples
+                       of A x the products + k x the per-sample sum the weight multiplies (the k
+                       part of dY1, dY2 is constant over the image).
+
+Reductions have a fixed order (no atomics); offsets are int64.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import acc, acc_dtype, cdiv, launcher, np2
+from .cru import _softmax_bwd, _softmax_dot
+from .stage2 import _d, _mma, _pow2_floor, _span, _tap, _tap_block, _tile_lanes
+
+__all__ = ["dw_plan", "stage2_dw"]
+
+
+# ----------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _g_block(gacc, tacc, tile, d3, mq, i, i0, K: tl.constexpr, STRIDE: tl.constexpr, BH: tl.constexpr,
+             BW: tl.constexpr, TPD: tl.constexpr, TF32: tl.constexpr, FP64: tl.constexpr):
+    """(gacc, tacc) with tap block i (slot i - i0) added: G = dout x the block's operand
+    [BR, BKG] (a dot per group over the tile's pixels) and its tap sums T over the tile's
+    output lanes mq."""
+    GP: tl.constexpr = d3.shape[0]
+    BCO: tl.constexpr = d3.shape[1]
+    NS: tl.constexpr = gacc.shape[1]
+    BKG: tl.constexpr = gacc.shape[2]
+    op = _tap_block(tile, i, K, STRIDE, BH, BW, TPD)
+    gb = _mma(d3, tl.permute(op, (0, 2, 1)), acc(tl.zeros([GP, BCO, BKG], tl.float32), FP64), TF32)
+    sel = (tl.arange(0, NS) == i - i0)[None, :, None]
+    gacc += tl.where(sel, tl.reshape(gb, [GP * BCO, BKG])[:, None, :], 0.0)
+    ts = tl.sum(tl.where(mq[None, None, :], acc(op, FP64), 0.0), axis=2)  # summed in fp32, not bf16
+    tacc += tl.where(sel, ts[:, None, :], 0.0)
+    return gacc, tacc
+
+
+@triton.jit
+def _g_store(grow, trow, gacc, tacc, i0, mc, lead, CIG, K: tl.constexpr, TPD: tl.constexpr):
+    """Stores the G of tap blocks i0 + [0, NS) into the gpart rows grow (columns ci K K + tap)
+    and, where ``lead`` (per group), their T into the tpart row trow (columns (g CIG + ci) K K +
+    tap). Lanes past CIG or K K are not stored."""
+    KK: tl.constexpr = K * K
+    GP: tl.constexpr = tacc.shape[0]
+    NS: tl.constexpr = gacc.shape[1]
+    BKG: tl.constexpr = gacc.shape[2]
+    CIGP: tl.constexpr = BKG // TPD
+    kk = tl.arange(0, BKG)
+    kc = kk % CIGP
+    kt = (i0 + tl.arange(0, NS))[:, None] * TPD + (kk // CIGP)[None, :]  # [NS, BKG] taps
+    mk = (kc[None, :] < CIG) & (kt < KK)
+    col = kc[None, :] * KK + kt
+    tl.store(grow[:, None, None] + col[None, :, :], gacc, mask=mc[:, None, None] & mk[None, :, :])
+    gi = tl.arange(0, GP)
+    tl.store(trow + gi[:, None, None] * (CIG * KK) + col[None, :, :], tacc, mask=lead[:, None, None] & mk[None, :, :])
+
+
+@triton.jit
+def _s2_dw_kernel(
+    do_ptr, up_ptr, low_ptr, gpart_ptr, tpart_ptr,
+    N, H, W, HO, WO, G, CIG, USQ, LSQ, COUT, COG, PAD, OHT, OWT, N_WB, N_T, TPP, RWC, RT,
+    sd_n, sd_c, sd_h, sd_w,
+    su_n, su_c, su_h, su_w,
+    sl_n, sl_c, sl_h, sl_w,
+    TF32: tl.constexpr, FP64: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr, GP: tl.constexpr,
+    CIGP: tl.constexpr, TPD: tl.constexpr, NCH: tl.constexpr, NCHB: tl.constexpr, BCO: tl.constexpr, RHP: tl.constexpr,
+    RWP: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BL: tl.constexpr,
+):
+    """Per-sample products G, G1, G2 and sum_o D of output tiles [pid TPP, (pid + 1) TPP) (of N_T =
+    N_RB N_WB per sample, N_WB per row), every sample; T and L likewise.
+
+    do_ptr: dout (N, COUT, HO, WO); up / low: (N, USQ | LSQ, H, W). Mirrors _s2_conv_kernel: the
+    rows r = g BCO + i are output channels cb BCO + [0, BCO) of every group, the up tile (halo
+    included) is loaded once per output tile, each tap's operand is gathered from it (CIGP >= CIG:
+    one chunk). Writes
+      gpart[pid, n, c, :RWC]: [G (CIG K K, (ci, tap)), G1 (USQ), G2 (LSQ), sum_o D]
+      tpart[pid, n, :RT]:     [T (USQ K K, (ci, tap)), L (LSQ)]   (channel block 0's programs)
+    Grid (cdiv(N_T, TPP), N_CB).
+    """
+    KK: tl.constexpr = K * K
+    BQ: tl.constexpr = BH * BW
+    BR: tl.constexpr = GP * BCO
+    BKG: tl.constexpr = TPD * CIGP
+    NB: tl.constexpr = (KK + TPD - 1) // TPD
+    pid = tl.program_id(0)
+    cb = tl.program_id(1)
+    t0 = pid * TPP
+    t1 = tl.minimum(t0 + TPP, N_T)
+    r = tl.arange(0, BR)
+    rg = r // BCO
+    co = cb * BCO + r % BCO
+    c = rg * COG + co
+    c64 = c.to(tl.int64)
+    mc = (rg < G) & (co < COG)
+    lch = tl.arange(0, BL)
+    kg = tl.arange(0, GP * CIGP)
+    kgc = (kg // CIGP) * CIG + kg % CIGP  # PWC1's column of lane kg: up channel (g, ci)
+    mkg = (kg // CIGP < G) & (kg % CIGP < CIG)
+    qh, qw, gi, ci, tr, tc = _tile_lanes(GP, CIGP, RHP, RWP, BH, BW)
+    ch = (gi[:, None] * CIG + ci[None, :]).to(tl.int64)
+    mch = (gi < G)[:, None] & (ci < CIG)[None, :]
+    for n in range(0, N):
+        n64 = n + tl.zeros([], tl.int64)  # n is a plain int in the interpreter
+        # G and T of tap blocks [0, NCH) and [NCH, NB) (NCHB slots): two powers of two, not one
+        # (k = 3: 4 + 1 blocks of two taps, 8 + 1 of one, instead of 8 and 16)
+        gacc = acc(tl.zeros([BR, NCH, BKG], tl.float32), FP64)
+        gaccb = acc(tl.zeros([BR, NCHB, BKG], tl.float32), FP64)
+        g1acc = acc(tl.zeros([BR, GP * CIGP], tl.float32), FP64)
+        g2acc = acc(tl.zeros([BR, BL], tl.float32), FP64)
+        dacc = acc(tl.zeros([BR], tl.float32), FP64)
+        tacc = acc(tl.zeros([GP, NCH, BKG], tl.float32), FP64)
+        taccb = acc(tl.zeros([GP, NCHB, BKG], tl.float32), FP64)
+        lacc = acc(tl.zeros([BL], tl.float32), FP64)
+        for t in range(t0, t1):
+            rb = t // N_WB
+            wb = t % N_WB
+            oh = rb * OHT + qh
+            ow = wb * OWT + qw
+            mq = (qh < OHT) & (qw < OWT) & (oh < HO) & (ow < WO)
+            do = n64 * sd_n + c64[:, None] * sd_c + (oh.to(tl.int64) * sd_h + ow.to(tl.int64) * sd_w)[None, :]
+            d = tl.load(do_ptr + do, mask=mc[:, None] & mq[None, :], other=0.0)  # [BR, BQ], 0 off the tile
+            dacc += tl.sum(acc(d, FP64), axis=1)
+            # Y2's operand: low at the strided positions (PWC2 and the identity channels)
+            lo = n64 * sl_n + (oh * STRIDE).to(tl.int64) * sl_h + (ow * STRIDE).to(tl.int64) * sl_w
+            lt = tl.load(low_ptr + lo[None, :] + lch.to(tl.int64)[:, None] * sl_c,
+                         mask=(lch < LSQ)[:, None] & mq[None, :], other=0.0)
+            lacc += tl.sum(acc(lt, FP64), axis=1)
+            g2acc = _mma(d, tl.trans(lt), g2acc, TF32)
+            # the up tile (halo included), once: [GP, CIGP, RHP, RWP]
+            ih = rb * (OHT * STRIDE) - PAD + tr
+            iw = wb * (OWT * STRIDE) - PAD + tc
+            mpix = ((ih >= 0) & (ih < H))[:, None] & ((iw >= 0) & (iw < W))[None, :]
+            po = n64 * su_n + ih.to(tl.int64)[:, None] * su_h + iw.to(tl.int64)[None, :] * su_w
+            tile = tl.load(up_ptr + ch[:, :, None, None] * su_c + po[None, None, :, :],
+                           mask=mch[:, :, None, None] & mpix[None, None, :, :], other=0.0)
+            cen = tl.reshape(_tap(tile, PAD, PAD, STRIDE, BH, BW), [GP * CIGP, BQ])
+            g1acc = _mma(d, tl.trans(cen), g1acc, TF32)
+            d3 = tl.reshape(d, [GP, BCO, BQ])
+            for i in range(0, NCH):
+                gacc, tacc = _g_block(gacc, tacc, tile, d3, mq, i, 0, K, STRIDE, BH, BW, TPD, TF32, FP64)
+            for i in range(NCH, NB):
+                gaccb, taccb = _g_block(gaccb, taccb, tile, d3, mq, i, NCH, K, STRIDE, BH, BW, TPD, TF32, FP64)
+        grow = gpart_ptr + ((pid.to(tl.int64) * N + n64) * COUT + c64) * RWC
+        trow = tpart_ptr + (pid.to(tl.int64) * N + n64) * RT
+        lead = (gi < G) & (gi * 0 + cb == 0)  # T and L by channel block 0's programs (cb may be a constant)
+        _g_store(grow, trow, gacc, tacc, 0, mc, lead, CIG, K, TPD)
+        if NB > NCH:
+            _g_store(grow, trow, gaccb, taccb, NCH, mc, lead, CIG, K, TPD)
+        tl.store(grow[:, None] + CIG * KK + kgc[None, :], g1acc, mask=mc[:, None] & mkg[None, :])
+        tl.store(grow[:, None] + (CIG * KK + USQ) + lch[None, :], g2acc, mask=mc[:, None] & (lch < LSQ)[None, :])
+        tl.store(grow + (RWC - 1), dacc, mask=mc)
+        tl.store(trow + USQ * KK + lch, lacc, mask=(lch < LSQ) & (lch * 0 + cb == 0))
+
+
+@triton.jit
+def _col_weights(wg_ptr, bg_ptr, wp1_ptr, wp2_ptr, c, mc, j, CIG, USQ, LSQ, P, RWC, K: tl.constexpr,
+                 HAS_P: tl.constexpr, FP64: tl.constexpr):
+    """[BC, BJ] the weight each column j of a gpart row multiplies in Y1 or Y2 (dA = sum of
+    weight x product): GWC (c, ci, tap), PWC1, PWC2 (c < P) or the identity's one-hot
+    (c >= P), the bias (last column); and whether the column is Y2's."""
+    KK: tl.constexpr = K * K
+    nw = CIG * KK
+    c64 = c.to(tl.int64)[:, None]
+    jj = j[None, :] + c[:, None] * 0
+    j2 = jj - nw
+    j3 = j2 - USQ
+    y2 = (j3 >= 0) & (j3 < LSQ)
+    m = mc[:, None] & (jj < RWC)
+    w = acc(tl.load(wg_ptr + c64 * nw + jj, mask=m & (jj < nw), other=0.0), FP64)
+    w += acc(tl.load(wp1_ptr + c64 * USQ + j2, mask=m & (j2 >= 0) & (j2 < USQ), other=0.0), FP64)
+    if HAS_P:
+        w += acc(tl.load(wp2_ptr + c64 * LSQ + j3, mask=m & y2 & (c < P)[:, None], other=0.0), FP64)
+    w = tl.where(y2 & (c >= P)[:, None] & (j3 == c[:, None] - P), 1.0, w)
+    w += acc(tl.load(bg_ptr + c64 + jj * 0, mask=m & (jj == RWC - 1), other=0.0), FP64)
+    return w, y2
+
+
+@triton.jit
+def _s2_dsoft_kernel(gpart_ptr, tpart_ptr, a_ptr, wg_ptr, bg_ptr, wp1_ptr, wp2_ptr, ts_ptr, da_ptr, k_ptr,
+                     N, COUT, CIG, USQ, LSQ, P, RWC, RT, N_SP, HOWO,
+                     HAS_P: tl.constexpr, PAIRWISE: tl.constexpr, FP64: tl.constexpr, K: tl.constexpr,
+                     BC: tl.constexpr, BJ: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per sample n (the program): ts[n] = T, L summed over the programs (fixed order); dA[n] =
+    sum over columns of weight x (the products summed over the programs); k[n] = (k1, k2) of the
+    softmax backward (_softmax_bwd). gpart (N_SP, N, COUT, RWC), tpart (N_SP, N, RT); a, da, k
+    (N, 2 COUT); ts (N, RT). Grid (N,)."""
+    n64 = tl.program_id(0).to(tl.int64)
+    jt = tl.arange(0, BJ)
+    for j0 in range(0, RT, BJ):
+        mj = j0 + jt < RT
+        s = tl.load(tpart_ptr + n64 * RT + j0 + jt, mask=mj, other=0.0)
+        for sp in range(1, N_SP):
+            s += tl.load(tpart_ptr + (sp * N + n64) * RT + j0 + jt, mask=mj, other=0.0)
+        tl.store(ts_ptr + n64 * RT + j0 + jt, s, mask=mj)
+    for c0 in range(0, COUT, BC):
+        c = c0 + tl.arange(0, BC)
+        mc = c < COUT
+        d1 = acc(tl.zeros([BC], tl.float32), FP64)
+        d2 = acc(tl.zeros([BC], tl.float32), FP64)
+        for j0 in range(0, RWC, BJ):
+            j = j0 + jt
+            m = mc[:, None] & (j < RWC)[None, :]
+            off = (n64 * COUT + c.to(tl.int64))[:, None] * RWC + j[None, :]
+            g = tl.load(gpart_ptr + off, mask=m, other=0.0)
+            for sp in range(1, N_SP):
+                g += tl.load(gpart_ptr + (sp * N * COUT * RWC + off), mask=m, other=0.0)
+            w, y2 = _col_weights(wg_ptr, bg_ptr, wp1_ptr, wp2_ptr, c, mc, j, CIG, USQ, LSQ, P, RWC, K, HAS_P, FP64)
+            wgt = w * g
+            d1 += tl.sum(tl.where(y2, 0.0, wgt), axis=1)
+            d2 += tl.sum(tl.where(y2, wgt, 0.0), axis=1)
+        tl.store(da_ptr + n64 * (2 * COUT) + c, d1, mask=mc)
+        tl.store(da_ptr + n64 * (2 * COUT) + COUT + c, d2, mask=mc)
+    tl.debug_barrier()  # the dA just stored (by other threads of this program) are read below
+    row_a = a_ptr + n64 * (2 * COUT)
+    row_g = da_ptr + n64 * (2 * COUT)
+    dot = 0.0
+    if not PAIRWISE:
+        dot = _softmax_dot(row_a, row_g, COUT, BLOCK_M)
+    for c0 in range(0, COUT, BJ):
+        c = c0 + jt
+        mc = c < COUT
+        k1, k2 = _softmax_bwd(tl.load(row_a + c, mask=mc, other=0.0), tl.load(row_a + COUT + c, mask=mc, other=0.0),
+                              tl.load(row_g + c, mask=mc, other=0.0), tl.load(row_g + COUT + c, mask=mc, other=0.0),
+                              dot, HOWO, PAIRWISE)
+        tl.store(k_ptr + n64 * (2 * COUT) + c, k1, mask=mc)
+        tl.store(k_ptr + n64 * (2 * COUT) + COUT + c, k2, mask=mc)
+
+
+@triton.jit
+def _s2_dw_reduce_kernel(gpart_ptr, ts_ptr, a_ptr, k_ptr, dwg_ptr, db_ptr, dw1_ptr, dw2_ptr,
+                         N, COUT, COG, CIG, USQ, LSQ, P, RWC, RT, N_SP, HOWO,
+                         K: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr):
+    """The weight gradients of channels c (block pid 0) and columns j (block pid 1) of the RWC
+    columns of a gpart row: sum over samples of A x (the products summed over the programs, in a
+    fixed order) + k x the per-sample sum the column's weight multiplies (T at its tap, T at the
+    centre, L; Ho Wo for the bias), written into dWg (COUT, CIG, K, K), dW1 (COUT, USQ), dW2
+    (P, LSQ), db (COUT). Grid (cdiv(COUT, BC), cdiv(RWC, BJ))."""
+    KK: tl.constexpr = K * K
+    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    j = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    mc = c < COUT
+    c64 = c.to(tl.int64)
+    m = mc[:, None] & (j < RWC)[None, :]
+    nw = CIG * KK
+    jj = j[None, :] + c[:, None] * 0
+    j2 = jj - nw
+    j3 = j2 - USQ
+    y2 = (j3 >= 0) & (j3 < LSQ)  # Y2's columns: A2 and k2
+    g = (c // COG)[:, None]
+    tcol = tl.where(jj < nw, (g * CIG + jj // KK) * KK + jj % KK, tl.where(j2 < USQ, j2 * KK + KK // 2, USQ * KK + j3))
+    has_t = m & (jj < RWC - 1)
+    s = tl.zeros([BC, BJ], tl.float32).to(dwg_ptr.dtype.element_ty)
+    for n in range(0, N):
+        off = (n * COUT + c64)[:, None] * RWC + j[None, :]
+        gs = tl.load(gpart_ptr + off, mask=m, other=0.0)
+        for sp in range(1, N_SP):
+            gs += tl.load(gpart_ptr + (sp * N * COUT * RWC + off), mask=m, other=0.0)
+        ar = a_ptr + n * (2 * COUT)
+        kr = k_ptr + n * (2 * COUT)
+        av = tl.where(y2, tl.load(ar + COUT + c, mask=mc, other=0.0)[:, None], tl.load(ar + c, mask=mc, other=0.0)[:, None])
+        kv = tl.where(y2, tl.load(kr + COUT + c, mask=mc, other=0.0)[:, None], tl.load(kr + c, mask=mc, other=0.0)[:, None])
+        tv = tl.load(ts_ptr + n * RT + tcol, mask=has_t, other=0.0)
+        s += av * gs + kv * tl.where(jj == RWC - 1, HOWO, tv)
+    tl.store(dwg_ptr + c64[:, None] * nw + jj, s, mask=m & (jj < nw))
+    tl.store(dw1_ptr + c64[:, None] * USQ + j2, s, mask=m & (j2 >= 0) & (j2 < USQ))
+    tl.store(dw2_ptr + c64[:, None] * LSQ + j3, s, mask=m & y2 & (c < P)[:, None])
+    tl.store(db_ptr + c64[:, None] + jj * 0, s, mask=m & (jj == RWC - 1))
+
+
+# ----------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------
+# Register caps of one 8-warp _s2_dw_kernel program, in elements, the largest the AOT check
+# (tests/test_aot.py) compiles without spills: what it holds across a sample's tiles (the
+# accumulators), what one tile keeps live, and dout's tile (rows x pixels; half that for fp32
+# dots without TF32, on CUDA cores). 2048 rows x pixels spill on sm_80 and sm_90; so do up
+# channels in chunks of 32 (held 13888 at 256 channels: those layers take stage 1's convolution
+# backward).
+_DW_HELD = 12288
+_DW_TILE = 12288
+_DW_DOUT = 1024
+# Programs per channel block: each writes a weight-sized row of products per sample; their
+# round trip is kept under this share of dout's bytes (the pass's only traffic beyond dout, up
+# and low). Fewer programs than a GPU has SMs at small batches: to be tuned on a GPU.
+_DW_PARTIAL_SHARE = 0.125
+
+
+@functools.lru_cache(maxsize=1024)
+def dw_plan(n: int, h: int, w: int, k: int, st: int, g: int, cig: int, cog: int, usq: int, lsq: int,
+            fp64: bool, esize: int, ieee: bool = False):
+    """Tiles of _s2_dw_kernel: a dict of its constexprs and grid parameters (OHT, OWT, N_WB,
+    N_T, TPP, N_SP, N_CB) and num_warps; None if none fits (the stage-1 convolution backward
+    runs then). Among tiles within the caps, the one that loads the fewest up elements (the
+    halo) per channel block, ties to the larger tile. ``ieee``: fp32 dots without TF32 (on CUDA
+    cores: more registers)."""
+    ho, wo = (h - 1) // st + 1, (w - 1) // st + 1
+    kk = k * k
+    gp = np2(g)
+    bl = _d(lsq)
+    cigp = max(np2(cig), cdiv(16, gp), 8)
+    if cigp > 64:
+        return None
+    tpd = 2 if cigp < 16 else 1
+    nb = cdiv(kk, tpd)
+    nch = _pow2_floor(nb)
+    nchb = np2(nb - nch) if nb > nch else 1
+    bkg = tpd * cigp
+    scale = 1  # fp64 runs in the interpreter only (stage2.supports): the fp32 caps serve it
+    rwc = cig * kk + usq + lsq + 1
+    best = None
+    for bco in (16, 32, 64):
+        if bco > max(16, np2(cog)):
+            continue
+        br = gp * bco
+        held = (br * ((nch + nchb) * bkg + gp * cigp + bl) + gp * (nch + nchb) * bkg) * scale  # the accumulators
+        if held > _DW_HELD:
+            continue
+        n_cb = cdiv(cog, bco)
+        for rwp, rhp in itertools.product((4, 8, 16, 32, 64), (4, 8, 16, 32, 64)):
+            bw, bh = _pow2_floor(rwp // st), _pow2_floor(rhp // st)
+            owt, oht = min(bw, (rwp - k) // st + 1), min(bh, (rhp - k) // st + 1)
+            if owt < 1 or oht < 1 or bw * bh < 16:
+                continue
+            bq = bh * bw
+            live = (gp * cigp * rhp * rwp + br * bq + 2 * gp * bkg * bq + br * bkg + bl * bq) * scale
+            if live > _DW_TILE or br * bq > _DW_DOUT // (2 if ieee else 1):
+                continue
+            n_rb, n_wb = cdiv(ho, oht), cdiv(wo, owt)
+            loads = n_cb * usq * _span(n_rb, oht * st, rhp, k // 2, h) * _span(n_wb, owt * st, rwp, k // 2, w)
+            key = (loads, -bq, -bco)
+            if best is None or key < best[0]:
+                best = (key, dict(GP=gp, CIGP=cigp, TPD=tpd, NCH=nch, NCHB=nchb, BCO=bco, RHP=rhp, RWP=rwp, BH=bh, BW=bw,
+                                  BL=bl, OHT=oht, OWT=owt, N_WB=n_wb, N_T=n_rb * n_wb, N_CB=n_cb))
+    if best is None:
+        return None
+    plan = best[1]
+    cout = g * cog
+    part = 2 * 4 * (2 if fp64 else 1) * n * (cout * rwc + usq * kk + lsq)  # one program's round trip
+    n_sp = max(1, min(plan["N_T"], int(_DW_PARTIAL_SHARE * n * cout * ho * wo * esize / part)))
+    tpp = cdiv(plan["N_T"], n_sp)
+    plan.update(TPP=tpp, N_SP=cdiv(plan["N_T"], tpp), num_warps=8)
+    return plan
+
+
+@launcher
+def stage2_dw(dout, up, low, a, w_gwc, b_gwc, w_pwc1, w_pwc2, stride: int, groups: int, pairwise: bool, tf32: bool):
+    """dA and the convolution weights' gradients of stage 2 from dout, the saved up / low and A.
+
+    Returns (dA (N, 2 Cout), k (N, 2 Cout), dWg, db, dW1, dW2): k = dm / (Ho Wo) of the softmax
+    backward (dY1 = A1 dout + k1, dY2 = A2 dout + k2), the gradients in the accumulation dtype
+    (fp32; fp64 for fp64). Three launches; None if dw_plan has no tile for the shape."""
+    N, usq, H, W = up.shape
+    lsq = low.shape[1]
+    cout, cig, k, _ = w_gwc.shape
+    p = w_pwc2.shape[0]
+    ho, wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    fp64 = up.dtype == torch.float64
+    cog = cout // groups
+    plan = dw_plan(N, H, W, k, stride, groups, cig, cog, usq, lsq, fp64, up.element_size(),
+                   up.dtype == torch.float32 and not tf32)
+    if plan is None:
+        return None
+    plan = dict(plan)
+    oht, owt, n_wb, n_t, tpp, n_sp, n_cb = (plan.pop(key) for key in
+                                            ("OHT", "OWT", "N_WB", "N_T", "TPP", "N_SP", "N_CB"))
+    adt = acc_dtype(up.dtype)
+    kk = k * k
+    rwc = cig * kk + usq + lsq + 1
+    rt = usq * kk + lsq
+    kw = dict(device=up.device, dtype=adt)
+    gpart = torch.empty((n_sp, N, cout, rwc), **kw)
+    tpart = torch.empty((n_sp, N, rt), **kw)
+    _s2_dw_kernel[(n_sp, n_cb)](
+        dout, up, low, gpart, tpart,
+        N, H, W, ho, wo, groups, cig, usq, lsq, cout, cog, k // 2, oht, owt, n_wb, n_t, tpp, rwc, rt,
+        *dout.stride(), *up.stride(), *low.stride(),
+        TF32=bool(tf32), FP64=fp64, K=k, STRIDE=stride, **plan,
+    )
+    wg, wp1 = w_gwc.contiguous(), w_pwc1.contiguous()
+    wp2 = w_pwc2.contiguous() if p else wg  # a valid pointer; HAS_P = False never reads it
+    ts = torch.empty((N, rt), **kw)
+    kv = torch.empty((N, 2 * cout), **kw)
+    da = torch.empty((N, 2 * cout), **kw)
+    _s2_dsoft_kernel[(N,)](
+        gpart, tpart, a, wg, b_gwc, wp1, wp2, ts, da, kv, N, cout, cig, usq, lsq, p, rwc, rt, n_sp, ho * wo,
+        HAS_P=p > 0, PAIRWISE=bool(pairwise), FP64=fp64, K=k, BC=16, BJ=64, BLOCK_M=min(np2(2 * cout), 1024),
+        num_warps=8,
+    )
+    dwg = torch.empty((cout, cig, k, k), **kw)
+    db = torch.empty((cout,), **kw)
+    dw1 = torch.empty((cout, usq), **kw)
+    dw2 = torch.empty((max(p, 1), lsq), **kw)
+    bc, bj = 16, 64
+    _s2_dw_reduce_kernel[(cdiv(cout, bc), cdiv(rwc, bj))](
+        gpart, ts, a, kv, dwg, db, dw1, dw2, N, cout, cog, cig, usq, lsq, p, rwc, rt, n_sp, ho * wo,
+        K=k, BC=bc, BJ=bj, num_warps=4,
+    )
+    return da, kv, dwg, db, dw1, dw2[:p]
