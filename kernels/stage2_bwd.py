@@ -19,8 +19,8 @@ D with the convolutions' operands, which one pass over (D, up, low) forms tile b
 The products are per-sample weight-sized rows (one per program and sample, reduced in a fixed
 order); dA contracts them with the weights, the weight gradients weight them by A and add k T.
 
-  _s2_dw_kernel        per (set of output tiles, block of output channels of every group), over
-                       all samples: G, G1, G2, sum_o D of each sample (gpart), T and L (tpart). The
+  _s2_dw_kernel        per (set of output tiles, block of output channels of every group,
+                       sample): G, G1, G2, sum_o D (gpart), T and L (tpart). The
                        GWC's tap blocks accumulate in two sets whose sizes are powers of two
                        (k = 3: 4 + 1 blocks of two taps, not 8): fewer registers.
   _s2_dsoft_kernel     per sample: T, L and dA summed over the programs, the softmax backward -> k.
@@ -100,7 +100,7 @@ def _s2_dw_kernel(
     RWP: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BL: tl.constexpr,
 ):
     """Per-sample products G, G1, G2 and sum_o D of output tiles [pid TPP, (pid + 1) TPP) (of N_T =
-    N_RB N_WB per sample, N_WB per row), every sample; T and L likewise.
+    N_RB N_WB per sample, N_WB per row) of sample n; T and L likewise.
 
     do_ptr: dout (N, COUT, HO, WO); up / low: (N, USQ | LSQ, H, W). Mirrors _s2_conv_kernel: the
     rows r = g BCO + i are output channels cb BCO + [0, BCO) of every group, the up tile (halo
@@ -108,7 +108,8 @@ def _s2_dw_kernel(
     one chunk). Writes
       gpart[pid, n, c, :RWC]: [G (CIG K K, (ci, tap)), G1 (USQ), G2 (LSQ), sum_o D]
       tpart[pid, n, :RT]:     [T (USQ K K, (ci, tap)), L (LSQ)]   (channel block 0's programs)
-    Grid (cdiv(N_T, TPP), N_CB).
+    Grid (cdiv(N_T, TPP), N_CB, N): the partials are per sample anyway, so the samples are
+    programs of their own (parallelism at no cost in traffic).
     """
     KK: tl.constexpr = K * K
     BQ: tl.constexpr = BH * BW
@@ -132,57 +133,56 @@ def _s2_dw_kernel(
     qh, qw, gi, ci, tr, tc = _tile_lanes(GP, CIGP, RHP, RWP, BH, BW)
     ch = (gi[:, None] * CIG + ci[None, :]).to(tl.int64)
     mch = (gi < G)[:, None] & (ci < CIG)[None, :]
-    for n in range(0, N):
-        n64 = n + tl.zeros([], tl.int64)  # n is a plain int in the interpreter
-        # G and T of tap blocks [0, NCH) and [NCH, NB) (NCHB slots): two powers of two, not one
-        # (k = 3: 4 + 1 blocks of two taps, 8 + 1 of one, instead of 8 and 16)
-        gacc = acc(tl.zeros([BR, NCH, BKG], tl.float32), FP64)
-        gaccb = acc(tl.zeros([BR, NCHB, BKG], tl.float32), FP64)
-        g1acc = acc(tl.zeros([BR, GP * CIGP], tl.float32), FP64)
-        g2acc = acc(tl.zeros([BR, BL], tl.float32), FP64)
-        dacc = acc(tl.zeros([BR], tl.float32), FP64)
-        tacc = acc(tl.zeros([GP, NCH, BKG], tl.float32), FP64)
-        taccb = acc(tl.zeros([GP, NCHB, BKG], tl.float32), FP64)
-        lacc = acc(tl.zeros([BL], tl.float32), FP64)
-        for t in range(t0, t1):
-            rb = t // N_WB
-            wb = t % N_WB
-            oh = rb * OHT + qh
-            ow = wb * OWT + qw
-            mq = (qh < OHT) & (qw < OWT) & (oh < HO) & (ow < WO)
-            do = n64 * sd_n + c64[:, None] * sd_c + (oh.to(tl.int64) * sd_h + ow.to(tl.int64) * sd_w)[None, :]
-            d = tl.load(do_ptr + do, mask=mc[:, None] & mq[None, :], other=0.0)  # [BR, BQ], 0 off the tile
-            dacc += tl.sum(acc(d, FP64), axis=1)
-            # Y2's operand: low at the strided positions (PWC2 and the identity channels)
-            lo = n64 * sl_n + (oh * STRIDE).to(tl.int64) * sl_h + (ow * STRIDE).to(tl.int64) * sl_w
-            lt = tl.load(low_ptr + lo[None, :] + lch.to(tl.int64)[:, None] * sl_c,
-                         mask=(lch < LSQ)[:, None] & mq[None, :], other=0.0)
-            lacc += tl.sum(acc(lt, FP64), axis=1)
-            g2acc = _mma(d, tl.trans(lt), g2acc, TF32)
-            # the up tile (halo included), once: [GP, CIGP, RHP, RWP]
-            ih = rb * (OHT * STRIDE) - PAD + tr
-            iw = wb * (OWT * STRIDE) - PAD + tc
-            mpix = ((ih >= 0) & (ih < H))[:, None] & ((iw >= 0) & (iw < W))[None, :]
-            po = n64 * su_n + ih.to(tl.int64)[:, None] * su_h + iw.to(tl.int64)[None, :] * su_w
-            tile = tl.load(up_ptr + ch[:, :, None, None] * su_c + po[None, None, :, :],
-                           mask=mch[:, :, None, None] & mpix[None, None, :, :], other=0.0)
-            cen = tl.reshape(_tap(tile, PAD, PAD, STRIDE, BH, BW), [GP * CIGP, BQ])
-            g1acc = _mma(d, tl.trans(cen), g1acc, TF32)
-            d3 = tl.reshape(d, [GP, BCO, BQ])
-            for i in range(0, NCH):
-                gacc, tacc = _g_block(gacc, tacc, tile, d3, mq, i, 0, K, STRIDE, BH, BW, TPD, TF32, FP64)
-            for i in range(NCH, NB):
-                gaccb, taccb = _g_block(gaccb, taccb, tile, d3, mq, i, NCH, K, STRIDE, BH, BW, TPD, TF32, FP64)
-        grow = gpart_ptr + ((pid.to(tl.int64) * N + n64) * COUT + c64) * RWC
-        trow = tpart_ptr + (pid.to(tl.int64) * N + n64) * RT
-        lead = (gi < G) & (gi * 0 + cb == 0)  # T and L by channel block 0's programs (cb may be a constant)
-        _g_store(grow, trow, gacc, tacc, 0, mc, lead, CIG, K, TPD)
-        if NB > NCH:
-            _g_store(grow, trow, gaccb, taccb, NCH, mc, lead, CIG, K, TPD)
-        tl.store(grow[:, None] + CIG * KK + kgc[None, :], g1acc, mask=mc[:, None] & mkg[None, :])
-        tl.store(grow[:, None] + (CIG * KK + USQ) + lch[None, :], g2acc, mask=mc[:, None] & (lch < LSQ)[None, :])
-        tl.store(grow + (RWC - 1), dacc, mask=mc)
-        tl.store(trow + USQ * KK + lch, lacc, mask=(lch < LSQ) & (lch * 0 + cb == 0))
+    n64 = tl.program_id(2).to(tl.int64)  # one sample per program: its rows of the partials
+    # G and T of tap blocks [0, NCH) and [NCH, NB) (NCHB slots): two powers of two, not one
+    # (k = 3: 4 + 1 blocks of two taps, 8 + 1 of one, instead of 8 and 16)
+    gacc = acc(tl.zeros([BR, NCH, BKG], tl.float32), FP64)
+    gaccb = acc(tl.zeros([BR, NCHB, BKG], tl.float32), FP64)
+    g1acc = acc(tl.zeros([BR, GP * CIGP], tl.float32), FP64)
+    g2acc = acc(tl.zeros([BR, BL], tl.float32), FP64)
+    dacc = acc(tl.zeros([BR], tl.float32), FP64)
+    tacc = acc(tl.zeros([GP, NCH, BKG], tl.float32), FP64)
+    taccb = acc(tl.zeros([GP, NCHB, BKG], tl.float32), FP64)
+    lacc = acc(tl.zeros([BL], tl.float32), FP64)
+    for t in range(t0, t1):
+        rb = t // N_WB
+        wb = t % N_WB
+        oh = rb * OHT + qh
+        ow = wb * OWT + qw
+        mq = (qh < OHT) & (qw < OWT) & (oh < HO) & (ow < WO)
+        do = n64 * sd_n + c64[:, None] * sd_c + (oh.to(tl.int64) * sd_h + ow.to(tl.int64) * sd_w)[None, :]
+        d = tl.load(do_ptr + do, mask=mc[:, None] & mq[None, :], other=0.0)  # [BR, BQ], 0 off the tile
+        dacc += tl.sum(acc(d, FP64), axis=1)
+        # Y2's operand: low at the strided positions (PWC2 and the identity channels)
+        lo = n64 * sl_n + (oh * STRIDE).to(tl.int64) * sl_h + (ow * STRIDE).to(tl.int64) * sl_w
+        lt = tl.load(low_ptr + lo[None, :] + lch.to(tl.int64)[:, None] * sl_c,
+                     mask=(lch < LSQ)[:, None] & mq[None, :], other=0.0)
+        lacc += tl.sum(acc(lt, FP64), axis=1)
+        g2acc = _mma(d, tl.trans(lt), g2acc, TF32)
+        # the up tile (halo included), once: [GP, CIGP, RHP, RWP]
+        ih = rb * (OHT * STRIDE) - PAD + tr
+        iw = wb * (OWT * STRIDE) - PAD + tc
+        mpix = ((ih >= 0) & (ih < H))[:, None] & ((iw >= 0) & (iw < W))[None, :]
+        po = n64 * su_n + ih.to(tl.int64)[:, None] * su_h + iw.to(tl.int64)[None, :] * su_w
+        tile = tl.load(up_ptr + ch[:, :, None, None] * su_c + po[None, None, :, :],
+                       mask=mch[:, :, None, None] & mpix[None, None, :, :], other=0.0)
+        cen = tl.reshape(_tap(tile, PAD, PAD, STRIDE, BH, BW), [GP * CIGP, BQ])
+        g1acc = _mma(d, tl.trans(cen), g1acc, TF32)
+        d3 = tl.reshape(d, [GP, BCO, BQ])
+        for i in range(0, NCH):
+            gacc, tacc = _g_block(gacc, tacc, tile, d3, mq, i, 0, K, STRIDE, BH, BW, TPD, TF32, FP64)
+        for i in range(NCH, NB):
+            gaccb, taccb = _g_block(gaccb, taccb, tile, d3, mq, i, NCH, K, STRIDE, BH, BW, TPD, TF32, FP64)
+    grow = gpart_ptr + ((pid.to(tl.int64) * N + n64) * COUT + c64) * RWC
+    trow = tpart_ptr + (pid.to(tl.int64) * N + n64) * RT
+    lead = (gi < G) & (gi * 0 + cb == 0)  # T and L by channel block 0's programs (cb may be a constant)
+    _g_store(grow, trow, gacc, tacc, 0, mc, lead, CIG, K, TPD)
+    if NB > NCH:
+        _g_store(grow, trow, gaccb, taccb, NCH, mc, lead, CIG, K, TPD)
+    tl.store(grow[:, None] + CIG * KK + kgc[None, :], g1acc, mask=mc[:, None] & mkg[None, :])
+    tl.store(grow[:, None] + (CIG * KK + USQ) + lch[None, :], g2acc, mask=mc[:, None] & (lch < LSQ)[None, :])
+    tl.store(grow + (RWC - 1), dacc, mask=mc)
+    tl.store(trow + USQ * KK + lch, lacc, mask=(lch < LSQ) & (lch * 0 + cb == 0))
 
 
 @triton.jit
@@ -312,10 +312,13 @@ def _s2_dw_reduce_kernel(gpart_ptr, ts_ptr, a_ptr, k_ptr, dwg_ptr, db_ptr, dw1_p
 _DW_HELD = 12288
 _DW_TILE = 12288
 _DW_DOUT = 1024
-# Programs per channel block: each writes a weight-sized row of products per sample; their
-# round trip is kept under this share of dout's bytes (the pass's only traffic beyond dout, up
-# and low). Fewer programs than a GPU has SMs at small batches: to be tuned on a GPU.
+# Programs per (sample, channel block), N_SP: each writes a weight-sized row of products; as
+# many as keep their round trip under this share of dout's bytes, at most _DW_MAX_SP (the
+# per-sample reduction reads N_SP rows). Independent of the batch (the samples are programs of
+# their own: a training batch fills a GPU; batch 1-2 runs few programs), so traffic is linear
+# in it (benchmarks/meter.py's per-sample inference relies on that).
 _DW_PARTIAL_SHARE = 0.125
+_DW_MAX_SP = 32
 
 
 @functools.lru_cache(maxsize=1024)
@@ -368,8 +371,8 @@ def dw_plan(n: int, h: int, w: int, k: int, st: int, g: int, cig: int, cog: int,
         return None
     plan = best[1]
     cout = g * cog
-    part = 2 * 4 * (2 if fp64 else 1) * n * (cout * rwc + usq * kk + lsq)  # one program's round trip
-    n_sp = max(1, min(plan["N_T"], int(_DW_PARTIAL_SHARE * n * cout * ho * wo * esize / part)))
+    part = 2 * 4 * (2 if fp64 else 1) * (cout * rwc + usq * kk + lsq)  # a row's round trip, per sample
+    n_sp = max(1, min(plan["N_T"], _DW_MAX_SP, int(_DW_PARTIAL_SHARE * cout * ho * wo * esize / part)))
     tpp = cdiv(plan["N_T"], n_sp)
     plan.update(TPP=tpp, N_SP=cdiv(plan["N_T"], tpp), num_warps=8)
     return plan
@@ -403,7 +406,7 @@ def stage2_dw(dout, up, low, a, w_gwc, b_gwc, w_pwc1, w_pwc2, stride: int, group
     kw = dict(device=up.device, dtype=adt)
     gpart = torch.empty((n_sp, N, cout, rwc), **kw)
     tpart = torch.empty((n_sp, N, rt), **kw)
-    _s2_dw_kernel[(n_sp, n_cb)](
+    _s2_dw_kernel[(n_sp, n_cb, N)](
         dout, up, low, gpart, tpart,
         N, H, W, ho, wo, groups, cig, usq, lsq, cout, cog, k // 2, oht, owt, n_wb, n_t, tpp, rwc, rt,
         *dout.stride(), *up.stride(), *low.stride(),
@@ -426,6 +429,6 @@ def stage2_dw(dout, up, low, a, w_gwc, b_gwc, w_pwc1, w_pwc2, stride: int, group
     bc, bj = 16, 64
     _s2_dw_reduce_kernel[(cdiv(cout, bc), cdiv(rwc, bj))](
         gpart, ts, a, kv, dwg, db, dw1, dw2, N, cout, cog, cig, usq, lsq, p, rwc, rt, n_sp, ho * wo,
-        K=k, BC=bc, BJ=bj, num_warps=4,
+        K=k, BC=bc, BJ=bj, num_warps=8,  # 4: an 8-byte stack frame on sm_90 (AOT)
     )
     return da, kv, dwg, db, dw1, dw2[:p]
