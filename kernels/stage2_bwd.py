@@ -218,6 +218,7 @@ def _s2_dsoft_kernel(gpart_ptr, tpart_ptr, a_ptr, wg_ptr, bg_ptr, wp1_ptr, wp2_p
     softmax backward (_softmax_bwd). gpart (N_SP, N, COUT, RWC), tpart (N_SP, N, RT); a, da, k
     (N, 2 COUT); ts (N, RT). Grid (N,)."""
     n64 = tl.program_id(0).to(tl.int64)
+    sps = (tl.zeros([], tl.int64) + N) * COUT * RWC  # a program's gpart block, int64
     jt = tl.arange(0, BJ)
     for j0 in range(0, RT, BJ):
         mj = j0 + jt < RT
@@ -236,7 +237,7 @@ def _s2_dsoft_kernel(gpart_ptr, tpart_ptr, a_ptr, wg_ptr, bg_ptr, wp1_ptr, wp2_p
             off = (n64 * COUT + c.to(tl.int64))[:, None] * RWC + j[None, :]
             g = tl.load(gpart_ptr + off, mask=m, other=0.0)
             for sp in range(1, N_SP):
-                g += tl.load(gpart_ptr + (sp * N * COUT * RWC + off), mask=m, other=0.0)
+                g += tl.load(gpart_ptr + (sp * sps + off), mask=m, other=0.0)
             w, y2 = _col_weights(wg_ptr, bg_ptr, wp1_ptr, wp2_ptr, c, mc, j, CIG, USQ, LSQ, P, RWC, K, HAS_P, FP64)
             wgt = w * g
             d1 += tl.sum(tl.where(y2, 0.0, wgt), axis=1)
@@ -273,6 +274,7 @@ def _s2_dw_reduce_kernel(gpart_ptr, ts_ptr, a_ptr, k_ptr, dwg_ptr, db_ptr, dw1_p
     j = tl.program_id(1) * BJ + tl.arange(0, BJ)
     mc = c < COUT
     c64 = c.to(tl.int64)
+    sps = (tl.zeros([], tl.int64) + N) * COUT * RWC  # a program's gpart block, int64
     m = mc[:, None] & (j < RWC)[None, :]
     nw = CIG * KK
     jj = j[None, :] + c[:, None] * 0
@@ -287,7 +289,7 @@ def _s2_dw_reduce_kernel(gpart_ptr, ts_ptr, a_ptr, k_ptr, dwg_ptr, db_ptr, dw1_p
         off = (n * COUT + c64)[:, None] * RWC + j[None, :]
         gs = tl.load(gpart_ptr + off, mask=m, other=0.0)
         for sp in range(1, N_SP):
-            gs += tl.load(gpart_ptr + (sp * N * COUT * RWC + off), mask=m, other=0.0)
+            gs += tl.load(gpart_ptr + (sp * sps + off), mask=m, other=0.0)
         ar = a_ptr + n * (2 * COUT)
         kr = k_ptr + n * (2 * COUT)
         av = tl.where(y2, tl.load(ar + COUT + c, mask=mc, other=0.0)[:, None], tl.load(ar + c, mask=mc, other=0.0)[:, None])
