@@ -453,11 +453,12 @@ def _s2_conv_kernel(
 @triton.jit
 def _sq_out_grads(du_ptr, dl_ptr, did_ptr, n64, p64, mp, W, STRIDE, USQ, LSQ,
                   sdu_n, sdu_c, sdu_h, sdu_w, sdl_n, sdl_c, sdl_h, sdl_w, sdi_n, sdi_c, sdi_h, sdi_w,
-                  HAS_DL: tl.constexpr, FLAT: tl.constexpr, FP64: tl.constexpr, BU: tl.constexpr,
-                  BL: tl.constexpr):
+                  HAS_DL: tl.constexpr, HAS_ID: tl.constexpr, FLAT: tl.constexpr, FP64: tl.constexpr,
+                  BU: tl.constexpr, BL: tl.constexpr):
     """(d_up [BU, BP], d_low [BL, BP]) of a pixel tile in d_up's dtype (the squeeze's dot operands):
     d_low = PWC2's input gradient (dl_ptr, when HAS_DL) + the identity branch's gradient
-    (did_ptr, (N, LSQ, Ho, Wo)) at the strided positions, summed in the accumulation dtype."""
+    (did_ptr, (N, LSQ, Ho, Wo), when HAS_ID; else dl_ptr holds it already) at the strided
+    positions, summed in the accumulation dtype."""
     ou = tl.arange(0, BU)
     ol = tl.arange(0, BL)
     ml = (ol < LSQ)[:, None]
@@ -466,8 +467,11 @@ def _sq_out_grads(du_ptr, dl_ptr, did_ptr, n64, p64, mp, W, STRIDE, USQ, LSQ,
     hh = p64 // W
     ww = p64 % W
     on_grid = mp & (hh % STRIDE == 0) & (ww % STRIDE == 0)
-    dio = ((hh // STRIDE) * sdi_h + (ww // STRIDE) * sdi_w)[None, :] + n64 * sdi_n
-    dl = acc(tl.load(did_ptr + dio + ol.to(tl.int64)[:, None] * sdi_c, mask=ml & on_grid[None, :], other=0.0), FP64)
+    dl = acc(tl.zeros([BL, p64.shape[0]], tl.float32), FP64)
+    if HAS_ID:
+        dio = ((hh // STRIDE) * sdi_h + (ww // STRIDE) * sdi_w)[None, :] + n64 * sdi_n
+        dl += acc(tl.load(did_ptr + dio + ol.to(tl.int64)[:, None] * sdi_c, mask=ml & on_grid[None, :], other=0.0),
+                  FP64)
     if HAS_DL:
         dlo = pix_off(p64, W, sdl_h, sdl_w, FLAT)[None, :] + n64 * sdl_n
         dl += acc(tl.load(dl_ptr + dlo + ol.to(tl.int64)[:, None] * sdl_c, mask=ml & mp[None, :], other=0.0), FP64)
@@ -515,6 +519,7 @@ def _s2_sq_bwd_kernel(
     sdi_n, sdi_c, sdi_h, sdi_w,
     tau_hi, tau_lo, N_PB,
     MASK: tl.constexpr, ON: tl.constexpr, SOFTMAX: tl.constexpr, GN_GRAD: tl.constexpr, HAS_DL: tl.constexpr,
+    HAS_ID: tl.constexpr,
     FLAT: tl.constexpr, FP64: tl.constexpr, EVEN: tl.constexpr, TF32: tl.constexpr,
     BU: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
@@ -536,7 +541,7 @@ def _s2_sq_bwd_kernel(
     L = C - U
     du, dl = _sq_out_grads(du_ptr, dl_ptr, did_ptr, n64, p64, mp, W, STRIDE, USQ, LSQ,
                            sdu_n, sdu_c, sdu_h, sdu_w, sdl_n, sdl_c, sdl_h, sdl_w, sdi_n, sdi_c, sdi_h, sdi_w,
-                           HAS_DL, FLAT, FP64, BU, BL)
+                           HAS_DL, HAS_ID, FLAT, FP64, BU, BL)
     ou = tl.arange(0, BU)
     ol = tl.arange(0, BL)
     mu_ = ou < USQ
@@ -587,7 +592,7 @@ def _s2_sq_dx_kernel(
     sg_n, sg_c, sg_h, sg_w,
     tau_hi, tau_lo, N_PB,
     MASK: tl.constexpr, ON: tl.constexpr, SOFTMAX: tl.constexpr, TORCH_GN: tl.constexpr,
-    HAS_WSUM: tl.constexpr, HAS_DL: tl.constexpr,
+    HAS_WSUM: tl.constexpr, HAS_DL: tl.constexpr, HAS_ID: tl.constexpr,
     FLAT: tl.constexpr, FP64: tl.constexpr, EVEN: tl.constexpr, TF32: tl.constexpr,
     BU: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
@@ -603,7 +608,7 @@ def _s2_sq_dx_kernel(
     gdt = dx_ptr.dtype.element_ty
     du, dl = _sq_out_grads(du_ptr, dl_ptr, did_ptr, n64, p64, mp, W, STRIDE, USQ, LSQ,
                            sdu_n, sdu_c, sdu_h, sdu_w, sdl_n, sdl_c, sdl_h, sdl_w, sdi_n, sdi_c, sdi_h, sdi_w,
-                           HAS_DL, FLAT, FP64, BU, BL)
+                           HAS_DL, HAS_ID, FLAT, FP64, BU, BL)
     zero = acc(tl.zeros([BK, BP], tl.float32), FP64)
     for k0 in range(0, HALF, BK):
         c = k0 + cb
@@ -901,7 +906,8 @@ def stage2_squeeze_backward(x, mean, rstd, gn_w, gn_b, w_sq1, w_sq2, d_up, d_low
     """Gradients of the SRU and the squeezes from the squeezed tensors' gradients, s and ds never stored.
 
     d_up (N, USQ, H, W); d_low (N, LSQ, H, W), PWC2's input gradient, or an empty tensor when
-    PWC2 has no channels; d_id (N, LSQ, Ho, Wo) the identity branch's gradient (strided).
+    PWC2 has no channels; d_id (N, LSQ, Ho, Wo) the identity branch's gradient (strided), or None
+    when d_low includes it (stage2_bwd.stage2_dgrad).
     Returns (dx or None, d gamma, d beta (None unless need_params and the mode has a
     GroupNorm gradient), d w_sq1, d w_sq2) in the input's / the weights' dtypes.
     Launches: pass 1 (_s2_sq_bwd_kernel), the SRU's reduce (and finalize for d gamma, d beta)
@@ -932,16 +938,17 @@ def stage2_squeeze_backward(x, mean, rstd, gn_w, gn_b, w_sq1, w_sq2, d_up, d_low
         p = torch.empty((rows, C), device=x.device, dtype=adt)
         q = torch.empty((rows, C), device=x.device, dtype=adt)
     dl = d_low if has_dl else d_up  # a valid pointer; HAS_DL = False never reads it
+    did = d_id if d_id is not None else d_up  # likewise for HAS_ID = False (d_low holds it)
     dx = torch.empty_like(x) if need_x else None
     (sx, sdu, sdl, sg), flat = pixel_layout([x, d_up, dl, dx if need_x else x])
-    sdi = strides4(d_id)
+    sdi = strides4(did)
     th, tlo = split_float(tau)
     common = dict(FLAT=flat, FP64=fp64, EVEN=u == half, TF32=bool(tf32), BU=bu, BL=bl, BK=bk, BP=bp,
                   BLOCK_W=_block_w(C), num_warps=warps)
     _s2_sq_bwd_kernel[(rows,)](
-        x, mean, rstd, gn_w, gn_b, w1, w2, d_up, dl, d_id, p, q, dwp,
+        x, mean, rstd, gn_w, gn_b, w1, w2, d_up, dl, did, p, q, dwp,
         C, half, u, usq, lsq, W, hw, G, CG, stride, *sx, *sdu, *sdl, *sdi, th, tlo, n_pb,
-        **sw, GN_GRAD=gn_grad, HAS_DL=has_dl, **common,
+        **sw, GN_GRAD=gn_grad, HAS_DL=has_dl, HAS_ID=d_id is not None, **common,
     )
     dweight = dbias = None
     a = bsum = wsum = mean  # placeholders, unused by the dx of binary masks on x
@@ -955,9 +962,9 @@ def stage2_squeeze_backward(x, mean, rstd, gn_w, gn_b, w_sq1, w_sq2, d_up, d_low
     if need_x:
         eh, el = split_float(eps)
         _s2_sq_dx_kernel[(rows,)](
-            x, mean, rstd, gn_w, gn_b, wsum, a, bsum, w1, w2, d_up, dl, d_id, dx,
+            x, mean, rstd, gn_w, gn_b, wsum, a, bsum, w1, w2, d_up, dl, did, dx,
             C, half, u, usq, lsq, W, hw, G, CG, CG * hw, eh, el, stride,
             *sx, *sdu, *sdl, *sdi, *sg, th, tlo, n_pb,
-            **sw, TORCH_GN=bool(torch_gn), HAS_WSUM=gn_grad, HAS_DL=has_dl, **common,
+            **sw, TORCH_GN=bool(torch_gn), HAS_WSUM=gn_grad, HAS_DL=has_dl, HAS_ID=d_id is not None, **common,
         )
     return dx, dweight, dbias, d_sq1, d_sq2

@@ -1,4 +1,5 @@
-"""Stage 2's convolution backward: dA and every convolution weight's gradient without Y1 or Y2.
+"""Stage 2's convolution backward: dA, every convolution weight's gradient and the input gradients
+without Y1, Y2, dY1 or dY2 in memory.
 
 Notation as in kernels/stage2.py (G groups of CIG input / COG output channels, k x k taps, pad
 p, stride st, PWC1 Cout x USQ, PWC2 P x LSQ, output Ho x Wo). With D = dout, the combine's
@@ -28,6 +29,15 @@ order); dA contracts them with the weights, the weight gradients weight them by 
                        of A x the products + k x the per-sample sum the weight multiplies (the k
                        part of dY1, dY2 is constant over the image).
 
+The input gradients, with dY formed on the fly (A1 dout + k1: the A part scales the held weights,
+the k part is a per-tap constant added where the tap's source is an output):
+
+  _s2_dgrad_kernel     per (sample, column block), every row tile: d_up = the merged Y1 weight
+                       (GWC block-diagonal + PWC1 at the centre)^T dY1 over the taps, gathered from
+                       one dout tile (all Cout channels, the outputs the tile's taps read);
+                       d_low = [PWC2; identity one-hot]^T dY2 at the strided positions, 0 elsewhere
+                       (so the squeeze backward reads no separate identity gradient).
+
 Reductions have a fixed order (no atomics); offsets are int64.
 """
 from __future__ import annotations
@@ -39,11 +49,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import acc, acc_dtype, cdiv, launcher, np2
+from ._launch import acc, acc_dtype, cdiv, launcher, memory_format, np2
 from .cru import _softmax_bwd, _softmax_dot
 from .stage2 import _d, _mma, _pow2_floor, _span, _tap, _tap_block, _tile_lanes
 
-__all__ = ["dw_plan", "stage2_dw"]
+__all__ = ["dgrad_plan", "dw_plan", "stage2_dgrad", "stage2_dw"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -302,6 +312,163 @@ def _s2_dw_reduce_kernel(gpart_ptr, ts_ptr, a_ptr, k_ptr, dwg_ptr, db_ptr, dw1_p
     tl.store(db_ptr + c64[:, None] + jj * 0, s, mask=m & (jj == RWC - 1))
 
 
+@triton.jit
+def _src(i0, lane, n_own, size, d, o0, n_out, PAD, STRIDE: tl.constexpr):
+    """(row of dout's tile, valid) for the input lanes i0 + lane and tap offset d: the output o
+    with o STRIDE + d - PAD = i; valid where o is an integer in [0, n_out) and the lane is owned
+    (lane < n_own) and inside the image (i < size). Invalid lanes read row 0 (then zeroed); the
+    valid ones are inside the tile by the plan's choice of its size (dgrad_plan)."""
+    i = i0 + lane
+    tt = i + PAD - d + STRIDE * 64  # >= 0: % and // of a non-negative number
+    o = tt // STRIDE - 64
+    ok = (tt % STRIDE == 0) & (o >= 0) & (o < n_out) & (lane < n_own) & (i < size)
+    return tl.where(ok, o - o0, 0), ok
+
+
+@triton.jit
+def _dg_operand(tile, ri, oki, cj, okj):
+    """[BC, BH * BW] dout's tile [BC, ORH, ORW] at rows ri [BH] x columns cj [BW] (two gathers
+    along short axes), zero where not (oki x okj); and that mask, flat [BH * BW]."""
+    BC: tl.constexpr = tile.shape[0]
+    ORH: tl.constexpr = tile.shape[1]
+    BH: tl.constexpr = ri.shape[0]
+    BW: tl.constexpr = cj.shape[0]
+    cols = tl.gather(tile, tl.broadcast_to(cj[None, None, :], [BC, ORH, BW]), axis=2)
+    op = tl.gather(cols, tl.broadcast_to(ri[None, :, None], [BC, BH, BW]), axis=1)
+    vm = oki[:, None] & okj[None, :]
+    op = tl.where(vm[None, :, :], op, 0.0)
+    return tl.reshape(op, [BC, BH * BW]), tl.reshape(vm, [BH * BW])
+
+
+@triton.jit
+def _dg_weights(wg_ptr, w1, u, mu, c, mc, a1, k1, t0, CIG, COG, K: tl.constexpr, NS: tl.constexpr,
+                FP64: tl.constexpr):
+    """Taps t0 + [0, NS) of the merged Y1 weight, transposed: [BU, NS, BC] = GWC (c and u of one
+    group) + PWC1 (w1 [BU, BC], the centre tap), A1-scaled in the operands' dtype (dY1's A1 dout
+    part); and [BU, NS] = sum_c weight x k1 (dY1's constant part). Zero past K K."""
+    KK: tl.constexpr = K * K
+    tt = t0 + tl.arange(0, NS)
+    same = ((u[:, None] // CIG) == (c[None, :] // COG)) & mu[:, None] & mc[None, :]
+    off = c.to(tl.int64)[None, None, :] * (CIG * KK) + ((u % CIG)[:, None, None] * KK + tt[None, :, None])
+    w = acc(tl.load(wg_ptr + off, mask=same[:, None, :] & (tt < KK)[None, :, None], other=0.0), FP64)
+    w += tl.where((tt == KK // 2)[None, :, None], w1[:, None, :], 0.0)
+    v = tl.sum(w * k1[None, None, :], axis=2)
+    return w * a1[None, None, :], v
+
+
+@triton.jit
+def _dg_tap(du, tile, wset, vset, t, t0, i0, j0, oh0, ow0, lh, lw, IHT, IWT, H, W, HO, WO, PAD,
+            K: tl.constexpr, STRIDE: tl.constexpr, TF32: tl.constexpr):
+    """du [BU, BQ] + tap t's input gradient: the held weights' slot t - t0 times dout at the tap's
+    source outputs, plus its constant part where that source is an output. lh [BH], lw [BW]: the
+    lanes' rows and columns."""
+    NS: tl.constexpr = wset.shape[1]
+    ri, oki = _src(i0, lh, IHT, H, t // K, oh0, HO, PAD, STRIDE)
+    cj, okj = _src(j0, lw, IWT, W, t % K, ow0, WO, PAD, STRIDE)
+    op, vm = _dg_operand(tile, ri, oki, cj, okj)
+    sel = tl.arange(0, NS) == t - t0
+    w = tl.sum(tl.where(sel[None, :, None], wset, 0.0), axis=1)
+    v = tl.sum(tl.where(sel[None, :], vset, 0.0), axis=1)
+    du = _mma(w.to(tile.dtype), op, du, TF32)
+    return du + v[:, None] * tl.where(vm, 1.0, 0.0)[None, :]
+
+
+@triton.jit
+def _s2_dgrad_kernel(
+    do_ptr, a_ptr, k_ptr, wg_ptr, wp1_ptr, wp2_ptr, du_ptr, dl_ptr,
+    H, W, HO, WO, CIG, COG, USQ, LSQ, COUT, P, PAD, IHT, IWT, N_RB, N_WB,
+    sd_n, sd_c, sd_h, sd_w,
+    su_n, su_c, su_h, su_w,
+    sl_n, sl_c, sl_h, sl_w,
+    HAS_P: tl.constexpr, FP64: tl.constexpr, TF32: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr,
+    NCH: tl.constexpr, NCHB: tl.constexpr, BU: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
+    ORH: tl.constexpr, ORW: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+):
+    """d_up (N, USQ, H, W) and d_low (N, LSQ, H, W) from dout, A and k, dY1 / dY2 formed on the fly.
+
+    d_up = merged-weight^T (A1 dout + k1) over the taps (GWC block-diagonal + PWC1 at the centre,
+    as one [USQ, COUT] matrix a tap); d_low = [PWC2; one-hot identity rows]^T (A2 dout + k2) at
+    the strided positions, 0 elsewhere (the identity branch's gradient included). A program:
+    sample n, column block wb (input columns wb IWT + [0, IWT)), every row tile (input rows
+    rb IHT + [0, IHT)); it holds the A-scaled weights of its sample, and per tile loads dout's
+    outputs rows oh0 + [0, ORH) x columns ow0 + [0, ORW) (every output a tap of the tile reads),
+    all COUT channels, once. Grid (N * N_WB,).
+    """
+    KK: tl.constexpr = K * K
+    BQ: tl.constexpr = BH * BW
+    pid = tl.program_id(0)
+    wb = pid % N_WB
+    n64 = (pid // N_WB).to(tl.int64)
+    c = tl.arange(0, BC)
+    mc = c < COUT
+    c64 = c.to(tl.int64)
+    arow = a_ptr + n64 * (2 * COUT)
+    krow = k_ptr + n64 * (2 * COUT)
+    a1 = tl.load(arow + c, mask=mc, other=0.0)
+    a2 = tl.load(arow + COUT + c, mask=mc, other=0.0)
+    k1 = tl.load(krow + c, mask=mc, other=0.0)
+    k2 = tl.load(krow + COUT + c, mask=mc, other=0.0)
+    u = tl.arange(0, BU)
+    mu = u < USQ
+    w1 = acc(tl.load(wp1_ptr + c64[None, :] * USQ + u[:, None], mask=mu[:, None] & mc[None, :], other=0.0), FP64)
+    # the merged weight's taps in two sets of powers of two (k = 3: 8 + 1 taps, not 16)
+    wa, va = _dg_weights(wg_ptr, w1, u, mu, c, mc, a1, k1, 0, CIG, COG, K, NCH, FP64)
+    wb2, vb = _dg_weights(wg_ptr, w1, u, mu, c, mc, a1, k1, NCH, CIG, COG, K, NCHB, FP64)
+    # Y2's matrix, transposed [BL, BC]: PWC2 (c < P) and the identity's one-hot (c = P + l)
+    l = tl.arange(0, BL)
+    ml = l < LSQ
+    m2 = tl.where(ml[:, None] & mc[None, :] & (c[None, :] - P == l[:, None]), 1.0, 0.0)
+    if HAS_P:
+        m2 += acc(tl.load(wp2_ptr + c64[None, :] * LSQ + l[:, None], mask=ml[:, None] & (mc & (c < P))[None, :],
+                          other=0.0), FP64)
+    m2 = acc(m2, FP64)
+    v2 = tl.sum(m2 * k2[None, :], axis=1)
+    m2 = m2 * a2[None, :]
+    q = tl.arange(0, BQ)
+    qh = q // BW
+    qw = q % BW
+    lh = tl.arange(0, BH)
+    lw = tl.arange(0, BW)
+    tr = tl.arange(0, ORH)
+    tc = tl.arange(0, ORW)
+    j0 = wb * IWT
+    ow0 = (j0 - PAD + STRIDE * 64) // STRIDE - 64  # floor((j0 - PAD) / STRIDE)
+    ow = ow0 + tc
+    # the outputs the owned columns' taps read: ow0 .. floor((j0 + IWT - 1 + PAD) / STRIDE)
+    ow_end = (j0 + IWT - 1 + PAD + STRIDE * 64) // STRIDE - 64
+    iw = j0 + qw
+    for rb in range(0, N_RB):
+        i0 = rb * IHT
+        oh0 = (i0 - PAD + STRIDE * 64) // STRIDE - 64
+        oh_end = (i0 + IHT - 1 + PAD + STRIDE * 64) // STRIDE - 64
+        oh = oh0 + tr
+        mo = ((oh >= 0) & (oh < HO) & (oh <= oh_end))[:, None] & ((ow >= 0) & (ow < WO) & (ow <= ow_end))[None, :]
+        do = n64 * sd_n + oh.to(tl.int64)[:, None] * sd_h + ow.to(tl.int64)[None, :] * sd_w
+        tile = tl.load(do_ptr + c64[:, None, None] * sd_c + do[None, :, :], mask=mc[:, None, None] & mo[None, :, :],
+                       other=0.0)
+        du = acc(tl.zeros([BU, BQ], tl.float32), FP64)
+        for t in range(0, NCH):
+            du = _dg_tap(du, tile, wa, va, t, 0, i0, j0, oh0, ow0, lh, lw, IHT, IWT, H, W, HO, WO, PAD, K, STRIDE,
+                         TF32)
+        for t in range(NCH, KK):
+            du = _dg_tap(du, tile, wb2, vb, t, NCH, i0, j0, oh0, ow0, lh, lw, IHT, IWT, H, W, HO, WO, PAD, K,
+                         STRIDE, TF32)
+        # d_low: Y2's matrix times dout at the centre tap's sources (the strided positions)
+        ri, oki = _src(i0, lh, IHT, H, PAD, oh0, HO, PAD, STRIDE)
+        cj, okj = _src(j0, lw, IWT, W, PAD, ow0, WO, PAD, STRIDE)
+        op, vm = _dg_operand(tile, ri, oki, cj, okj)
+        dl = _mma(m2.to(tile.dtype), op, acc(tl.zeros([BL, BQ], tl.float32), FP64), TF32)
+        dl += v2[:, None] * tl.where(vm, 1.0, 0.0)[None, :]
+        ih = i0 + qh
+        mq = (qh < IHT) & (qw < IWT) & (ih < H) & (iw < W)
+        pix = n64 * su_n + ih.to(tl.int64) * su_h + iw.to(tl.int64) * su_w
+        tl.store(du_ptr + pix[None, :] + u.to(tl.int64)[:, None] * su_c, du.to(du_ptr.dtype.element_ty),
+                 mask=mu[:, None] & mq[None, :])
+        pix = n64 * sl_n + ih.to(tl.int64) * sl_h + iw.to(tl.int64) * sl_w
+        tl.store(dl_ptr + pix[None, :] + l.to(tl.int64)[:, None] * sl_c, dl.to(dl_ptr.dtype.element_ty),
+                 mask=ml[:, None] & mq[None, :])
+
+
 # ----------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------
@@ -434,3 +601,88 @@ def stage2_dw(dout, up, low, a, w_gwc, b_gwc, w_pwc1, w_pwc2, stride: int, group
         K=k, BC=bc, BJ=bj, num_warps=8,  # 4: an 8-byte stack frame on sm_90 (AOT)
     )
     return da, kv, dwg, db, dw1, dw2[:p]
+
+
+# Register caps of one 8-warp _s2_dgrad_kernel program, in elements (fp32), the largest the AOT
+# check compiles without spills: the A-scaled weights it holds (10240 at 64 and at 128 -> 32
+# channels), dout's tile, a tap's operand (rows x lanes), the two accumulators; all but the
+# first halved for fp32 dots without TF32 (CUDA cores). Twice the tile or the operand, or the
+# accumulators of 32 + 32 channels x 32 lanes, spilled 8-272 B.
+_DG_HELD = 12288
+_DG_TILE = 4096
+_DG_OP = 2048
+_DG_ACC = 1024
+
+
+def _owned(lanes: int, rows: int, size: int, k: int, st: int) -> int:
+    """The most input rows (<= lanes) a tile can own such that the outputs its taps read fit
+    ``rows`` dout rows, for every tile of the image."""
+    p = k // 2
+    for own in range(min(lanes, size), 0, -1):
+        if all((i0 + own - 1 + p) // st - (i0 - p) // st + 1 <= rows for i0 in range(0, size, own)):
+            return own
+    return 0
+
+
+@functools.lru_cache(maxsize=1024)
+def dgrad_plan(h: int, w: int, k: int, st: int, usq: int, lsq: int, cout: int, ieee: bool = False):
+    """Tiles of _s2_dgrad_kernel: a dict (IHT, IWT, N_RB, N_WB and its constexprs) or None if no
+    tile fits (cuDNN's input gradients run then). Among the tiles within the caps, the one that
+    loads the fewest dout elements (the outputs its taps read, halo included), ties to more lanes.
+    ``ieee``: fp32 dots without TF32 (CUDA cores: half the caps)."""
+    ho, wo = (h - 1) // st + 1, (w - 1) // st + 1
+    bu, bl, bc = _d(usq), _d(lsq), _d(cout)
+    kk = k * k
+    nch = _pow2_floor(kk)
+    nchb = np2(kk - nch) if kk > nch else 1
+    if bu * (nch + nchb) * bc + bl * bc > _DG_HELD:
+        return None
+    best = None
+    for bh, bw, orh, orw in itertools.product((4, 8, 16, 32), repeat=4):
+        bq = bh * bw
+        cut = 2 if ieee else 1
+        if bq < 16 or bc * orh * orw * cut > _DG_TILE or bc * bq * cut > _DG_OP or (bu + bl) * bq * cut > _DG_ACC:
+            continue
+        iht, iwt = _owned(bh, orh, h, k, st), _owned(bw, orw, w, k, st)
+        if iht == 0 or iwt == 0:
+            continue
+        n_rb, n_wb = cdiv(h, iht), cdiv(w, iwt)
+        # dout rows (columns) the tiles load inside the image
+        rows = sum(max(0, min((i0 + iht - 1 + k // 2) // st + 1, ho) - max((i0 - k // 2) // st, 0))
+                   for i0 in range(0, h, iht))
+        cols = sum(max(0, min((j0 + iwt - 1 + k // 2) // st + 1, wo) - max((j0 - k // 2) // st, 0))
+                   for j0 in range(0, w, iwt))
+        key = (rows * cols, -bq)
+        if best is None or key < best[0]:
+            best = (key, dict(IHT=iht, IWT=iwt, N_RB=n_rb, N_WB=n_wb, NCH=nch, NCHB=nchb, BU=bu, BL=bl, BC=bc,
+                              ORH=orh, ORW=orw, BH=bh, BW=bw, num_warps=8))
+    return None if best is None else best[1]
+
+
+@launcher
+def stage2_dgrad(dout, a, kv, w_gwc, w_pwc1, w_pwc2, h: int, w: int, stride: int, channels_last: bool, tf32: bool):
+    """(d_up (N, USQ, H, W), d_low (N, LSQ, H, W)) of stage 2 from dout, A and k (stage2_dw):
+    dY1 = A1 dout + k1 and dY2 = A2 dout + k2 formed on the fly, d_low with the identity branch's
+    gradient at the strided positions. One launch; None if dgrad_plan has no tile."""
+    N, cout, ho, wo = dout.shape
+    cig, k = w_gwc.shape[1], w_gwc.shape[2]
+    usq = w_pwc1.shape[1]
+    lsq = w_pwc2.shape[1]
+    p = w_pwc2.shape[0]
+    plan = dgrad_plan(h, w, k, stride, usq, lsq, cout, dout.dtype == torch.float32 and not tf32)
+    if plan is None:
+        return None
+    plan = dict(plan)
+    iht, iwt, n_rb, n_wb = (plan.pop(key) for key in ("IHT", "IWT", "N_RB", "N_WB"))
+    kw = dict(device=dout.device, dtype=dout.dtype, memory_format=memory_format(channels_last))
+    d_up = torch.empty((N, usq, h, w), **kw)
+    d_low = torch.empty((N, lsq, h, w), **kw)
+    wg, wp1 = w_gwc.contiguous(), w_pwc1.contiguous()
+    wp2 = w_pwc2.contiguous() if p else wg  # a valid pointer; HAS_P = False never reads it
+    _s2_dgrad_kernel[(N * n_wb,)](
+        dout, a, kv, wg, wp1, wp2, d_up, d_low,
+        h, w, ho, wo, cig, cout // (usq // cig), usq, lsq, cout, p, k // 2, iht, iwt, n_rb, n_wb,
+        *dout.stride(), *d_up.stride(), *d_low.stride(),
+        HAS_P=p > 0, FP64=dout.dtype == torch.float64, TF32=bool(tf32), K=k, STRIDE=stride, **plan,
+    )
+    return d_up, d_low

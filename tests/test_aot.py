@@ -40,6 +40,8 @@ CONFIGS = (
     + [(256, 256, 28, 2, "bf16", True, VARIANT)]
     + [(512, 512, 7, 1, dt, cl, DEFAULT) for dt in ("fp32", "bf16") for cl in (False, True)]  # 7x7 tiles
     + [(128, 32, 28, 1, dt, cl, DEFAULT) for dt in ("fp32", "bf16") for cl in (False, True)]  # no PWC2
+    # no PWC2 and no Triton convolution backward (k = 7): the squeeze backward without d_low (HAS_DL off)
+    + [(128, 32, 28, 1, "fp32", True, {"group_kernel_size": 7})]
     # an input that is neither NCHW- nor channels_last-contiguous: (p // W, p % W) addressing
     + [(64, 64, 56, 1, dt, "strided", DEFAULT) for dt in ("fp32", "bf16")]
     # the other upstream revisions: their SRU switches (MASK, ON, SOFTMAX) in every kernel
@@ -161,7 +163,7 @@ def test_every_kernel_and_variant_is_covered(aot_results):
             if isinstance(v, bool):
                 flags.setdefault((s.target(), k), set()).add(v)
     for name in ("SOFTMAX", "FLAT", "FP64", "TORCH_GN", "PAIRWISE", "HAS_LOW", "HAS_P", "EVEN", "TF32", "HOLD",
-                 "GN_GRAD", "HAS_DL"):
+                 "GN_GRAD", "HAS_DL", "HAS_ID"):
         seen = {v for (t, k), vals in flags.items() if k == name for v in vals}
         assert seen == {True, False}, f"constexpr {name} only compiled as {seen}"
     # the SRU's mask rule and operand (every upstream revision, and the 2023-10 hard gate)

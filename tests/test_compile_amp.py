@@ -42,8 +42,9 @@ def test_compiled_graph_calls_the_fused_custom_ops(device):
         return gm.forward
 
     x = torch.randn(1, 16, 4, 4, dtype=torch.float64, device=device)
-    for stage, rc, fwd_ops, bwd_ops in ((2, False, ["stage2_fwd"], ["stage2_dw", "stage2_sq_bwd", "cru_combine_bwd"]),
-                                        (2, True, ["stage2_fwd"], ["stage2_squeeze", "stage2_dw", "stage2_sq_bwd"]),
+    for stage, rc, fwd_ops, bwd_ops in ((2, False, ["stage2_fwd"], ["stage2_dw", "stage2_dgrad", "stage2_sq_bwd"]),
+                                        (2, True, ["stage2_fwd"], ["stage2_squeeze", "stage2_dw", "stage2_dgrad",
+                                                                   "stage2_sq_bwd"]),
                                         (1, False, ["sru_fwd", "cru_combine"], ["sru_bwd", "cru_combine_bwd"])):
         torch._dynamo.reset()
         graphs.clear()
@@ -55,7 +56,8 @@ def test_compiled_graph_calls_the_fused_custom_ops(device):
         fwd = gm.fwd_body_0.code
         bwd = gm.bwd_body_0.code
         assert all(f"torch.ops.scconv_triton.{op}" in fwd for op in fwd_ops), (stage, fwd)
-        # stage 2's backward: the dA + weight-gradient pass and the fused squeeze + SRU backward;
+        # stage 2's backward: the dA + weight-gradient pass, the input-gradient pass and the fused
+        # squeeze + SRU backward;
         # stage 1's: its SRU backward
         assert all(f"torch.ops.scconv_triton.{op}" in bwd for op in bwd_ops), (stage, bwd)
 

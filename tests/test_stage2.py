@@ -24,7 +24,9 @@ STAGE2 = ["_sru_stats_partial_kernel", "_sru_stats_merge_kernel", "_s2_squeeze_k
           "_s2_conv_kernel"]
 STAGE2_BWD = ["_s2_sq_bwd_kernel", "_s2_sq_wsum_kernel", "_s2_sq_dx_kernel"]  # the squeezes' + SRU's backward (ops/stage2.py)
 STAGE2_DW = ["_s2_dw_kernel", "_s2_dsoft_kernel", "_s2_dw_reduce_kernel"]  # dA + conv weight gradients
-NO_DW = {"alpha0.75-g4-k7-s3-cl"}  # k = 7: no _s2_dw_kernel tile fits (dw_plan None), stage 1's conv backward
+STAGE2_DG = ["_s2_dgrad_kernel"]  # the convolutions' input gradients, dY formed on the fly
+# k = 7: no _s2_dw_kernel / _s2_dgrad_kernel tile fits (dw_plan, dgrad_plan None): stage 1's conv backward
+NO_DW = {"alpha0.75-g4-k7-s3-cl"}
 
 # (SCConv kwargs, (N, H, W), channels_last): together every option of the module
 CONFIGS = {
@@ -86,9 +88,14 @@ def _check(fused, base, x, tol, dw=True):
     names = [c.name for c in calls]
     assert names[:5] == STAGE2, names  # stage 2 ran, not the stage-1 fallback
     assert all(k in names for k in STAGE2_BWD) and "_sru_bwd_dx_kernel" not in names, names
-    # dA and the conv weight gradients without Y1 (no _cru_zsum_kernel), except where dw_plan has no tile
+    # dA and the conv weight gradients without Y1 (no _cru_zsum_kernel), the input gradients without
+    # dY1 / dY2 (no _cru_combine_bwd_kernel, no cuDNN), except where dw_plan / dgrad_plan have no tile
     assert _dw_runs(fused, x) == dw, "the dw pass's tiling changed: update NO_DW"
     assert all((k in names) == dw for k in STAGE2_DW) and ("_cru_zsum_kernel" in names) != dw, names
+    sh = fused.CRU.shape
+    dg = dw and kb.dgrad_plan(x.shape[2], x.shape[3], sh.kernel_size, sh.stride, sh.up_sq, sh.low_sq,
+                              sh.out_channels, x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32)
+    assert all((k in names) == bool(dg) for k in STAGE2_DG) and ("_cru_combine_bwd_kernel" in names) != bool(dg), names
     yr, dxr, gr = _run(base, x, g)
     assert yf.shape == yr.shape and yf.dtype == yr.dtype
     assert yf.is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(memory_format=torch.channels_last)
@@ -149,6 +156,28 @@ def test_fp64_recompute_matches_reference(name, device):
     assert [c.name for c in calls].count("_s2_squeeze_kernel") == 2
 
 
+def test_input_gradient_pass_has_a_tile_in_every_config_but_k7():
+    # the configs above exercise _s2_dgrad_kernel (a change of its caps that dropped one would
+    # silently test cuDNN's input gradients instead); and where it has none, the report's shapes
+    for name, (kw, shape, cl) in CONFIGS.items():
+        sh = _pair(kw, "cpu")[0].CRU.shape
+        plan = kb.dgrad_plan(shape[1], shape[2], sh.kernel_size, sh.stride, sh.up_sq, sh.low_sq, sh.out_channels)
+        assert (plan is not None) == (name not in NO_DW), name
+    assert kb.dgrad_plan(56, 56, 3, 1, 16, 16, 64) and kb.dgrad_plan(28, 28, 3, 1, 32, 32, 32)  # R50 layer1, D121
+    assert kb.dgrad_plan(28, 28, 3, 1, 32, 32, 128) is None  # R50 layer2: 32 x 9 x 128 held weights
+
+
+def test_fp64_stride3_many_row_tiles(device):
+    # stride 3 (outputs a tap reads: every third input row; the input-gradient pass's tile spans),
+    # an image of several row and column tiles of both Triton convolution-backward passes
+    kw = dict(op_channel=16, stride=3, group_size=2, out_channels=12)
+    fused, base = _pair(kw, device)
+    sh = fused.CRU.shape
+    plan = kb.dgrad_plan(17, 13, 3, 3, sh.up_sq, sh.low_sq, 12)
+    assert plan["N_RB"] > 1 and plan["N_WB"] > 1, plan
+    _check(fused, base, _input(kw, (2, 17, 13), True, device, torch.float64), TOL[torch.float64])
+
+
 def test_fp64_dw_pass_in_many_programs(device, monkeypatch):
     # the dw pass's partials: several programs over the output tiles (N_SP > 1, their per-sample
     # products reduced in a fixed order) and several channel blocks (N_CB > 1: T and L written by
@@ -202,6 +231,8 @@ def test_fp64_stage1_squeeze_backward_where_it_moves_less(name, device, monkeypa
         yf, dxf, gf = _run(fused, x, g)
     names = [c.name for c in calls]
     assert names[:5] == STAGE2 and "_sru_bwd_dx_kernel" in names and "_s2_sq_bwd_kernel" not in names, names
+    # stage 1's squeeze backward takes d_low and the identity's gradient apart: cuDNN's input gradients
+    assert "_s2_dw_kernel" in names and "_s2_dgrad_kernel" not in names and "_cru_combine_bwd_kernel" in names
     yr, dxr, gr = _run(base, x, g)
     errs = {"out": rel(yf, yr), "dx": rel(dxf, dxr)}
     errs.update({k: rel(gf[k], gr[k]) for k in gr if gr[k] is not None})

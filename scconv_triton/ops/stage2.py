@@ -6,12 +6,16 @@ traces it), and its autograd Function.
 Backward: dA and the convolution weights' gradients by kernels/stage2_bwd.py
 (``scconv_triton::stage2_dw``: one pass over dout, up and low; Y1 and PWC2's output never
 rebuilt) where it has a tile (``dw_plan``; else stage 1's ``cru_conv_backward``, which rebuilds
-them by cuDNN); the combine's backward and the input gradients of the convolutions are stage 1's
-(``cru_convs_backward``: cuDNN); the squeezes' and the SRU's is stage 2's (``scconv_triton::stage2_sq_bwd``: s and ds rebuilt in
+them by cuDNN); the convolutions' input gradients by ``scconv_triton::stage2_dgrad`` (dY formed on
+the fly, the identity branch's gradient folded into d_low) where it has a tile and the fused
+squeeze backward runs, else stage 1's combine backward and cuDNN (``cru_convs_backward``); the
+squeezes' and the SRU's is stage 2's (``scconv_triton::stage2_sq_bwd``: s and ds rebuilt in
 registers, never stored) where that moves fewer bytes (``squeeze_backward_pays``: not at small
 images with many channels, whose per-tile weight gradients outweigh s and ds), else stage 1's.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -91,7 +95,7 @@ _squeeze_call = eager_direct(_squeeze_op, _squeeze_impl)
 
 def _sq_bwd_impl(
     x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, gn_w: torch.Tensor, gn_b: torch.Tensor,
-    w_sq1: torch.Tensor, w_sq2: torch.Tensor, d_up: torch.Tensor, d_low: torch.Tensor, d_id: torch.Tensor,
+    w_sq1: torch.Tensor, w_sq2: torch.Tensor, d_up: torch.Tensor, d_low: torch.Tensor, d_id: Optional[torch.Tensor],
     tau: float, mode: int, torch_gn: bool, eps: float, stride: int, need_params: bool, need_x: bool, tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dx, dgw, dgb, d_sq1, d_sq2 = _k.stage2_squeeze_backward(
@@ -125,10 +129,10 @@ def _dw_impl(
     dout: torch.Tensor, up: torch.Tensor, low: torch.Tensor, a: torch.Tensor, w_gwc: torch.Tensor,
     b_gwc: torch.Tensor, w_pwc1: torch.Tensor, w_pwc2: torch.Tensor, stride: int, groups: int, pairwise: bool,
     tf32: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    da, _, dwg, db, dw1, dw2 = _kb.stage2_dw(dout, up, low, a, w_gwc, b_gwc, w_pwc1, w_pwc2, stride, groups,
-                                             pairwise, tf32)
-    return (da, dwg.to(w_gwc.dtype), db.to(b_gwc.dtype), dw1.to(w_pwc1.dtype).view(w_pwc1.shape),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    da, kv, dwg, db, dw1, dw2 = _kb.stage2_dw(dout, up, low, a, w_gwc, b_gwc, w_pwc1, w_pwc2, stride, groups,
+                                              pairwise, tf32)
+    return (da, kv, dwg.to(w_gwc.dtype), db.to(b_gwc.dtype), dw1.to(w_pwc1.dtype).view(w_pwc1.shape),
             dw2.to(w_pwc2.dtype).view(w_pwc2.shape))
 
 
@@ -137,11 +141,31 @@ _dw_op = torch.library.custom_op("scconv_triton::stage2_dw", _dw_impl, mutates_a
 
 @_dw_op.register_fake
 def _dw_fake(dout, up, low, a, w_gwc, b_gwc, w_pwc1, w_pwc2, stride, groups, pairwise, tf32):
-    return (torch.empty_like(a), torch.empty_like(w_gwc), torch.empty_like(b_gwc), torch.empty_like(w_pwc1),
-            torch.empty_like(w_pwc2))
+    return (torch.empty_like(a), torch.empty_like(a), torch.empty_like(w_gwc), torch.empty_like(b_gwc),
+            torch.empty_like(w_pwc1), torch.empty_like(w_pwc2))
 
 
 _dw_call = eager_direct(_dw_op, _dw_impl)
+
+
+def _dgrad_impl(
+    dout: torch.Tensor, a: torch.Tensor, kv: torch.Tensor, w_gwc: torch.Tensor, w_pwc1: torch.Tensor,
+    w_pwc2: torch.Tensor, h: int, w: int, stride: int, channels_last: bool, tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kb.stage2_dgrad(dout, a, kv, w_gwc, w_pwc1, w_pwc2, h, w, stride, channels_last, tf32)
+
+
+_dgrad_op = torch.library.custom_op("scconv_triton::stage2_dgrad", _dgrad_impl, mutates_args=())
+
+
+@_dgrad_op.register_fake
+def _dgrad_fake(dout, a, kv, w_gwc, w_pwc1, w_pwc2, h, w, stride, channels_last, tf32):
+    kw = dict(dtype=dout.dtype, device=dout.device, memory_format=memory_format(channels_last))
+    n = dout.shape[0]
+    return torch.empty((n, w_pwc1.shape[1], h, w), **kw), torch.empty((n, w_pwc2.shape[1], h, w), **kw)
+
+
+_dgrad_call = eager_direct(_dgrad_op, _dgrad_impl)
 
 
 def _dw_runs(shape, up: torch.Tensor, tf32: bool) -> bool:
@@ -153,17 +177,24 @@ def _dw_runs(shape, up: torch.Tensor, tf32: bool) -> bool:
                        up.dtype == torch.float32 and not tf32) is not None
 
 
-def _conv_backward(dout, up, low, a, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, tf32, cl):
+def _conv_backward(dout, up, low, a, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, tf32, cl,
+                   fuse_dgrad):
     """(d_up, d_low, d_id, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, wsq) as ``cru_conv_backward``: dA and the
-    weight gradients by stage2_dw (no Y1 or PWC2 output rebuilt) where it has a tile, the combine's
-    and the input gradients by stage 1's (cuDNN) kernels."""
+    weight gradients by stage2_dw (no Y1 or PWC2 output rebuilt) where it has a tile; the input
+    gradients by stage2_dgrad where it has one and ``fuse_dgrad`` (then d_low includes the identity
+    branch's gradient, and d_id and wsq are None), else the combine's and cuDNN's backward."""
     if not _dw_runs(shape, up, tf32):
         return cru_conv_backward(dout, (up, low, a), w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax,
                                  True, cl)
-    da, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2 = _dw_call(
+    da, kv, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2 = _dw_call(
         dout, up, low, a, w_gwc, b_gwc, w_pwc1, w_pwc2, int(shape.stride), int(shape.group_size),
         softmax == "pairwise", bool(tf32),
     )
+    n, usq, h, w = up.shape
+    if fuse_dgrad and _kb.dgrad_plan(h, w, shape.kernel_size, shape.stride, usq, shape.low_sq, shape.out_channels,
+                                     up.dtype == torch.float32 and not tf32) is not None:
+        d_up, d_low = _dgrad_call(dout, a, kv, w_gwc, w_pwc1, w_pwc2, h, w, int(shape.stride), cl, bool(tf32))
+        return d_up, d_low, None, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, None
     wm, wsq = cru_weights(w_gwc, w_pwc1, w_sq1, w_sq2, shape.group_size, cl)
     d_up, d_low, d_id, _, _, _ = cru_convs_backward(dout, a, da, up, low, wm, w_pwc2, shape, softmax, cl, False)
     return d_up, d_low, d_id, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, wsq
@@ -181,9 +212,10 @@ class Stage2Function(torch.autograd.Function):
     Never stored, forward or backward: s, ds, Y2; not saved: Y1, PWC2's output (never stored in
     the forward) and the pooled-mean partial sums.
     Recomputes in backward: with ``recompute`` up and low (the squeeze kernel again, from x and
-    the statistics); the merged convolution weight (for cuDNN's input gradients); s, xhat and
-    the gate from x in the squeeze backward's registers (twice: its two passes); Y1 and PWC2's
-    output (two cuDNN convolutions, ``cru_conv_backward``) only where stage2_dw has no tile.
+    the statistics); s, xhat and the gate from x in the squeeze backward's registers (twice: its
+    two passes); dY1 and dY2 in the input-gradient pass's registers. Where the Triton passes
+    have no tile: the merged convolution weight and dY1 / dY2 (cuDNN's input gradients), Y1 and
+    PWC2's output (two cuDNN convolutions, ``cru_conv_backward``).
     """
 
     @staticmethod
@@ -211,12 +243,13 @@ class Stage2Function(torch.autograd.Function):
         else:
             up, low = kept
         cl = channels_fastest(x)
+        n, c, h, w = x.shape
+        pays = _k.squeeze_backward_pays(n, c, h, w, shape.up_sq, shape.up, shape.low_sq, x.element_size())
         d_up, d_low, d_id, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, wsq = _conv_backward(
-            dout, up, low, a, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, tf32, cl,
+            dout, up, low, a, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, tf32, cl, pays,
         )
         del up, low
-        n, c, h, w = x.shape
-        if _k.squeeze_backward_pays(n, c, h, w, shape.up_sq, shape.up, shape.low_sq, x.element_size()):
+        if pays:
             dx, d_gw, d_gb, d_sq1, d_sq2 = _sq_bwd_call(
                 x, mean, rstd, gn_w, gn_b, w_sq1, w_sq2, d_up, d_low, d_id, tau, mode, torch_gn, eps,
                 int(shape.stride), bool(need_gn), bool(need_x), tf32,
