@@ -26,7 +26,8 @@ PWC1 (Cout x USQ), PWC2 (P x LSQ, P = Cout - LSQ) and output Ho x Wo (DESIGN.md,
                       channels of low at the strided positions (low loaded once), the softmax of
                       the means (channel or pairwise), out = A1 Y1 + A2 Y2 written once.
 
-Backward, the squeezes' and the SRU's (s and ds rebuilt in registers, never stored):
+Backward, the squeezes' and the SRU's (s and ds rebuilt in registers, never stored; the
+convolutions' backward is kernels/stage2_bwd.py's where its tiles fit):
   _s2_sq_bwd_kernel   per (n, pixel tile): s from x (kernels/sru.py's _pair_gate), the per-tile
                       squeeze-weight gradients [d_up s[:u]^T, d_low s[u:]^T], ds = Wsq^T [d_up;
                       d_low] and the SRU's P / Q sums (reduced by sru.py's sru_reduce);

@@ -101,7 +101,7 @@ def _g_store(grow, trow, gacc, tacc, i0, mc, lead, CIG, K: tl.constexpr, TPD: tl
 @triton.jit
 def _s2_dw_kernel(
     do_ptr, up_ptr, low_ptr, gpart_ptr, tpart_ptr,
-    N, H, W, HO, WO, G, CIG, USQ, LSQ, COUT, COG, PAD, OHT, OWT, N_WB, N_T, TPP, RWC, RT,
+    N, H, W, HO, WO, G, CIG, USQ, LSQ, COUT, COG, PAD, OHT, OWT, N_WB, N_T, TPP, N_SP, RWC, RT,
     sd_n, sd_c, sd_h, sd_w,
     su_n, su_c, su_h, su_w,
     sl_n, sl_c, sl_h, sl_w,
@@ -118,15 +118,16 @@ def _s2_dw_kernel(
     one chunk). Writes
       gpart[pid, n, c, :RWC]: [G (CIG K K, (ci, tap)), G1 (USQ), G2 (LSQ), sum_o D]
       tpart[pid, n, :RT]:     [T (USQ K K, (ci, tap)), L (LSQ)]   (channel block 0's programs)
-    Grid (cdiv(N_T, TPP), N_CB, N): the partials are per sample anyway, so the samples are
-    programs of their own (parallelism at no cost in traffic).
+    Grid (N_SP * N, N_CB), N_SP = cdiv(N_T, TPP): the partials are per sample anyway, so the
+    samples are programs of their own (parallelism at no cost in traffic); on axis 0, whose
+    limit is 2**31 - 1 (CUDA's axes 1 and 2 stop at 65535).
     """
     KK: tl.constexpr = K * K
     BQ: tl.constexpr = BH * BW
     BR: tl.constexpr = GP * BCO
     BKG: tl.constexpr = TPD * CIGP
     NB: tl.constexpr = (KK + TPD - 1) // TPD
-    pid = tl.program_id(0)
+    pid = tl.program_id(0) % N_SP
     cb = tl.program_id(1)
     t0 = pid * TPP
     t1 = tl.minimum(t0 + TPP, N_T)
@@ -143,7 +144,7 @@ def _s2_dw_kernel(
     qh, qw, gi, ci, tr, tc = _tile_lanes(GP, CIGP, RHP, RWP, BH, BW)
     ch = (gi[:, None] * CIG + ci[None, :]).to(tl.int64)
     mch = (gi < G)[:, None] & (ci < CIG)[None, :]
-    n64 = tl.program_id(2).to(tl.int64)  # one sample per program: its rows of the partials
+    n64 = (tl.program_id(0) // N_SP).to(tl.int64)  # one sample per program: its rows of the partials
     # G and T of tap blocks [0, NCH) and [NCH, NB) (NCHB slots): two powers of two, not one
     # (k = 3: 4 + 1 blocks of two taps, 8 + 1 of one, instead of 8 and 16)
     gacc = acc(tl.zeros([BR, NCH, BKG], tl.float32), FP64)
@@ -296,15 +297,16 @@ def _s2_dw_reduce_kernel(gpart_ptr, ts_ptr, a_ptr, k_ptr, dwg_ptr, db_ptr, dw1_p
     has_t = m & (jj < RWC - 1)
     s = tl.zeros([BC, BJ], tl.float32).to(dwg_ptr.dtype.element_ty)
     for n in range(0, N):
-        off = (n * COUT + c64)[:, None] * RWC + j[None, :]
+        n64 = n + tl.zeros([], tl.int64)  # n is a plain int in the interpreter
+        off = (n64 * COUT + c64)[:, None] * RWC + j[None, :]
         gs = tl.load(gpart_ptr + off, mask=m, other=0.0)
         for sp in range(1, N_SP):
             gs += tl.load(gpart_ptr + (sp * sps + off), mask=m, other=0.0)
-        ar = a_ptr + n * (2 * COUT)
-        kr = k_ptr + n * (2 * COUT)
+        ar = a_ptr + n64 * (2 * COUT)
+        kr = k_ptr + n64 * (2 * COUT)
         av = tl.where(y2, tl.load(ar + COUT + c, mask=mc, other=0.0)[:, None], tl.load(ar + c, mask=mc, other=0.0)[:, None])
         kv = tl.where(y2, tl.load(kr + COUT + c, mask=mc, other=0.0)[:, None], tl.load(kr + c, mask=mc, other=0.0)[:, None])
-        tv = tl.load(ts_ptr + n * RT + tcol, mask=has_t, other=0.0)
+        tv = tl.load(ts_ptr + n64 * RT + tcol, mask=has_t, other=0.0)
         s += av * gs + kv * tl.where(jj == RWC - 1, HOWO, tv)
     tl.store(dwg_ptr + c64[:, None] * nw + jj, s, mask=m & (jj < nw))
     tl.store(dw1_ptr + c64[:, None] * USQ + j2, s, mask=m & (j2 >= 0) & (j2 < USQ))
@@ -491,7 +493,7 @@ _DW_MAX_SP = 32
 
 
 @functools.lru_cache(maxsize=1024)
-def dw_plan(n: int, h: int, w: int, k: int, st: int, g: int, cig: int, cog: int, usq: int, lsq: int,
+def dw_plan(h: int, w: int, k: int, st: int, g: int, cig: int, cog: int, usq: int, lsq: int,
             fp64: bool, esize: int, ieee: bool = False):
     """Tiles of _s2_dw_kernel: a dict of its constexprs and grid parameters (OHT, OWT, N_WB,
     N_T, TPP, N_SP, N_CB) and num_warps; None if none fits (the stage-1 convolution backward
@@ -561,7 +563,7 @@ def stage2_dw(dout, up, low, a, w_gwc, b_gwc, w_pwc1, w_pwc2, stride: int, group
     ho, wo = (H - 1) // stride + 1, (W - 1) // stride + 1
     fp64 = up.dtype == torch.float64
     cog = cout // groups
-    plan = dw_plan(N, H, W, k, stride, groups, cig, cog, usq, lsq, fp64, up.element_size(),
+    plan = dw_plan(H, W, k, stride, groups, cig, cog, usq, lsq, fp64, up.element_size(),
                    up.dtype == torch.float32 and not tf32)
     if plan is None:
         return None
@@ -575,9 +577,9 @@ def stage2_dw(dout, up, low, a, w_gwc, b_gwc, w_pwc1, w_pwc2, stride: int, group
     kw = dict(device=up.device, dtype=adt)
     gpart = torch.empty((n_sp, N, cout, rwc), **kw)
     tpart = torch.empty((n_sp, N, rt), **kw)
-    _s2_dw_kernel[(n_sp, n_cb, N)](
+    _s2_dw_kernel[(n_sp * N, n_cb)](
         dout, up, low, gpart, tpart,
-        N, H, W, ho, wo, groups, cig, usq, lsq, cout, cog, k // 2, oht, owt, n_wb, n_t, tpp, rwc, rt,
+        N, H, W, ho, wo, groups, cig, usq, lsq, cout, cog, k // 2, oht, owt, n_wb, n_t, tpp, n_sp, rwc, rt,
         *dout.stride(), *up.stride(), *low.stride(),
         TF32=bool(tf32), FP64=fp64, K=k, STRIDE=stride, **plan,
     )

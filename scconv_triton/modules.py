@@ -135,7 +135,8 @@ class SCConv(_Fused, ref.SCConv):
     squeeze's prologue and the CRU fusion as the conv's epilogue, so s, Y1 and Y2 are never
     stored (kernels/stage2.py). Its backward forms dA and the convolution weights' gradients in
     one Triton pass over dout and the saved squeezed tensors, the convolutions' input gradients
-    in another (dY formed in registers; kernels/stage2_bwd.py), and the squeezes' and the SRU's
+    in another (dY formed in registers; kernels/stage2_bwd.py), each where its tile fits (else
+    cuDNN, with Y1 / dY in memory), and the squeezes' and the SRU's
     backward in two Triton passes that rebuild s and ds in registers. It falls back to stage 1 where it does not run: more
     than 256 squeezed channels (up or low), an empty batch, fp64 on a GPU, or a layer whose
     conv tile does not fit (``scconv_triton.kernels.stage2.supports``).

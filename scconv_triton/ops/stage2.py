@@ -119,7 +119,8 @@ def _sq_bwd_fake(x, mean, rstd, gn_w, gn_b, w_sq1, w_sq2, d_up, d_low, d_id, tau
                  need_params, need_x, tf32):
     c = gn_w.numel() if (SRUMath.from_code(mode).param_grad and need_params) else 0
     dx = torch.empty_like(x) if need_x else x.new_empty((0,))
-    return dx, gn_w.new_empty((c,)), gn_w.new_empty((c,)), torch.empty_like(w_sq1), torch.empty_like(w_sq2)
+    return (dx, gn_w.new_empty((c,)), gn_w.new_empty((c,)), torch.empty(w_sq1.shape, dtype=w_sq1.dtype, device=x.device),
+            torch.empty(w_sq2.shape, dtype=w_sq2.dtype, device=x.device))
 
 
 _sq_bwd_call = eager_direct(_sq_bwd_op, _sq_bwd_impl)
@@ -141,8 +142,9 @@ _dw_op = torch.library.custom_op("scconv_triton::stage2_dw", _dw_impl, mutates_a
 
 @_dw_op.register_fake
 def _dw_fake(dout, up, low, a, w_gwc, b_gwc, w_pwc1, w_pwc2, stride, groups, pairwise, tf32):
-    return (torch.empty_like(a), torch.empty_like(a), torch.empty_like(w_gwc), torch.empty_like(b_gwc),
-            torch.empty_like(w_pwc1), torch.empty_like(w_pwc2))
+    # contiguous, as the launcher returns them (empty_like would keep a channels_last weight's strides)
+    return (torch.empty_like(a), torch.empty_like(a), *(torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                                                         for t in (w_gwc, b_gwc, w_pwc1, w_pwc2)))
 
 
 _dw_call = eager_direct(_dw_op, _dw_impl)
@@ -170,9 +172,9 @@ _dgrad_call = eager_direct(_dgrad_op, _dgrad_impl)
 
 def _dw_runs(shape, up: torch.Tensor, tf32: bool) -> bool:
     """Whether _s2_dw_kernel has a tile for this shape (else the stage-1 convolution backward)."""
-    n, usq, h, w = up.shape
+    _, usq, h, w = up.shape
     g = shape.group_size
-    return _kb.dw_plan(n, h, w, shape.kernel_size, shape.stride, g, usq // g, shape.out_channels // g, usq,
+    return _kb.dw_plan(h, w, shape.kernel_size, shape.stride, g, usq // g, shape.out_channels // g, usq,
                        shape.low_sq, up.dtype == torch.float64, up.element_size(),
                        up.dtype == torch.float32 and not tf32) is not None
 
