@@ -53,7 +53,7 @@ from ._launch import acc, acc_dtype, cdiv, launcher, memory_format, np2
 from .cru import _softmax_bwd, _softmax_dot
 from .stage2 import _d, _mma, _pow2_floor, _span, _tap, _tap_block, _tile_lanes
 
-__all__ = ["dgrad_plan", "dw_plan", "stage2_dgrad", "stage2_dw"]
+__all__ = ["dgrad_plan", "dgrad_plan_for", "dw_plan", "dw_plan_for", "stage2_dgrad", "stage2_dw"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -197,18 +197,24 @@ def _s2_dw_kernel(
 
 
 @triton.jit
+def _gpart_cols(c, j, CIG, USQ, LSQ, K: tl.constexpr):
+    """[BC, BJ] views of the columns j of channels c's gpart rows: (j, j - the GWC's CIG K K
+    columns (PWC1's index), that minus USQ (PWC2's / the identity's index), whether it is Y2's)."""
+    jj = j[None, :] + c[:, None] * 0
+    j2 = jj - CIG * K * K
+    j3 = j2 - USQ
+    return jj, j2, j3, (j3 >= 0) & (j3 < LSQ)
+
+
+@triton.jit
 def _col_weights(wg_ptr, bg_ptr, wp1_ptr, wp2_ptr, c, mc, j, CIG, USQ, LSQ, P, RWC, K: tl.constexpr,
                  HAS_P: tl.constexpr, FP64: tl.constexpr):
     """[BC, BJ] the weight each column j of a gpart row multiplies in Y1 or Y2 (dA = sum of
     weight x product): GWC (c, ci, tap), PWC1, PWC2 (c < P) or the identity's one-hot
     (c >= P), the bias (last column); and whether the column is Y2's."""
-    KK: tl.constexpr = K * K
-    nw = CIG * KK
+    nw = CIG * K * K
     c64 = c.to(tl.int64)[:, None]
-    jj = j[None, :] + c[:, None] * 0
-    j2 = jj - nw
-    j3 = j2 - USQ
-    y2 = (j3 >= 0) & (j3 < LSQ)
+    jj, j2, j3, y2 = _gpart_cols(c, j, CIG, USQ, LSQ, K)
     m = mc[:, None] & (jj < RWC)
     w = acc(tl.load(wg_ptr + c64 * nw + jj, mask=m & (jj < nw), other=0.0), FP64)
     w += acc(tl.load(wp1_ptr + c64 * USQ + j2, mask=m & (j2 >= 0) & (j2 < USQ), other=0.0), FP64)
@@ -288,10 +294,7 @@ def _s2_dw_reduce_kernel(gpart_ptr, ts_ptr, a_ptr, k_ptr, dwg_ptr, db_ptr, dw1_p
     sps = (tl.zeros([], tl.int64) + N) * COUT * RWC  # a program's gpart block, int64
     m = mc[:, None] & (j < RWC)[None, :]
     nw = CIG * KK
-    jj = j[None, :] + c[:, None] * 0
-    j2 = jj - nw
-    j3 = j2 - USQ
-    y2 = (j3 >= 0) & (j3 < LSQ)  # Y2's columns: A2 and k2
+    jj, j2, j3, y2 = _gpart_cols(c, j, CIG, USQ, LSQ, K)  # Y2's columns: A2 and k2
     g = (c // COG)[:, None]
     tcol = tl.where(jj < nw, (g * CIG + jj // KK) * KK + jj % KK, tl.where(j2 < USQ, j2 * KK + KK // 2, USQ * KK + j3))
     has_t = m & (jj < RWC - 1)
@@ -315,15 +318,20 @@ def _s2_dw_reduce_kernel(gpart_ptr, ts_ptr, a_ptr, k_ptr, dwg_ptr, db_ptr, dw1_p
 
 
 @triton.jit
+def _floor_div(v, STRIDE: tl.constexpr):
+    """floor(v / STRIDE) for v > -64 STRIDE (Triton's // truncates towards zero)."""
+    return (v + STRIDE * 64) // STRIDE - 64
+
+
+@triton.jit
 def _src(i0, lane, n_own, size, d, o0, n_out, PAD, STRIDE: tl.constexpr):
     """(row of dout's tile, valid) for the input lanes i0 + lane and tap offset d: the output o
     with o STRIDE + d - PAD = i; valid where o is an integer in [0, n_out) and the lane is owned
     (lane < n_own) and inside the image (i < size). Invalid lanes read row 0 (then zeroed); the
     valid ones are inside the tile by the plan's choice of its size (dgrad_plan)."""
     i = i0 + lane
-    tt = i + PAD - d + STRIDE * 64  # >= 0: % and // of a non-negative number
-    o = tt // STRIDE - 64
-    ok = (tt % STRIDE == 0) & (o >= 0) & (o < n_out) & (lane < n_own) & (i < size)
+    o = _floor_div(i + PAD - d, STRIDE)
+    ok = (o * STRIDE == i + PAD - d) & (o >= 0) & (o < n_out) & (lane < n_own) & (i < size)
     return tl.where(ok, o - o0, 0), ok
 
 
@@ -346,8 +354,9 @@ def _dg_operand(tile, ri, oki, cj, okj):
 def _dg_weights(wg_ptr, w1, u, mu, c, mc, a1, k1, t0, CIG, COG, K: tl.constexpr, NS: tl.constexpr,
                 FP64: tl.constexpr):
     """Taps t0 + [0, NS) of the merged Y1 weight, transposed: [BU, NS, BC] = GWC (c and u of one
-    group) + PWC1 (w1 [BU, BC], the centre tap), A1-scaled in the operands' dtype (dY1's A1 dout
-    part); and [BU, NS] = sum_c weight x k1 (dY1's constant part). Zero past K K."""
+    group) + PWC1 (w1 [BU, BC], the centre tap), A1-scaled (dY1's A1 dout part), in the
+    accumulation dtype (a tap's slot is cast to the operands' dtype where it is used); and
+    [BU, NS] = sum_c weight x k1 (dY1's constant part). Zero past K K."""
     KK: tl.constexpr = K * K
     tt = t0 + tl.arange(0, NS)
     same = ((u[:, None] // CIG) == (c[None, :] // COG)) & mu[:, None] & mc[None, :]
@@ -434,15 +443,15 @@ def _s2_dgrad_kernel(
     tr = tl.arange(0, ORH)
     tc = tl.arange(0, ORW)
     j0 = wb * IWT
-    ow0 = (j0 - PAD + STRIDE * 64) // STRIDE - 64  # floor((j0 - PAD) / STRIDE)
+    # the outputs the owned columns' taps read: ow0 .. ow_end
+    ow0 = _floor_div(j0 - PAD, STRIDE)
+    ow_end = _floor_div(j0 + IWT - 1 + PAD, STRIDE)
     ow = ow0 + tc
-    # the outputs the owned columns' taps read: ow0 .. floor((j0 + IWT - 1 + PAD) / STRIDE)
-    ow_end = (j0 + IWT - 1 + PAD + STRIDE * 64) // STRIDE - 64
     iw = j0 + qw
     for rb in range(0, N_RB):
         i0 = rb * IHT
-        oh0 = (i0 - PAD + STRIDE * 64) // STRIDE - 64
-        oh_end = (i0 + IHT - 1 + PAD + STRIDE * 64) // STRIDE - 64
+        oh0 = _floor_div(i0 - PAD, STRIDE)
+        oh_end = _floor_div(i0 + IHT - 1 + PAD, STRIDE)
         oh = oh0 + tr
         mo = ((oh >= 0) & (oh < HO) & (oh <= oh_end))[:, None] & ((ow >= 0) & (ow < WO) & (ow <= ow_end))[None, :]
         do = n64 * sd_n + oh.to(tl.int64)[:, None] * sd_h + ow.to(tl.int64)[None, :] * sd_w
@@ -512,14 +521,14 @@ def dw_plan(h: int, w: int, k: int, st: int, g: int, cig: int, cog: int, usq: in
     nch = _pow2_floor(nb)
     nchb = np2(nb - nch) if nb > nch else 1
     bkg = tpd * cigp
-    scale = 1  # fp64 runs in the interpreter only (stage2.supports): the fp32 caps serve it
+    # fp64 runs in the interpreter only (stage2.supports): the fp32 caps serve it
     rwc = cig * kk + usq + lsq + 1
     best = None
     for bco in (16, 32, 64):
         if bco > max(16, np2(cog)):
             continue
         br = gp * bco
-        held = (br * ((nch + nchb) * bkg + gp * cigp + bl) + gp * (nch + nchb) * bkg) * scale  # the accumulators
+        held = br * ((nch + nchb) * bkg + gp * cigp + bl) + gp * (nch + nchb) * bkg  # the accumulators
         if held > _DW_HELD:
             continue
         n_cb = cdiv(cog, bco)
@@ -529,7 +538,7 @@ def dw_plan(h: int, w: int, k: int, st: int, g: int, cig: int, cog: int, usq: in
             if owt < 1 or oht < 1 or bw * bh < 16:
                 continue
             bq = bh * bw
-            live = (gp * cigp * rhp * rwp + br * bq + 2 * gp * bkg * bq + br * bkg + bl * bq) * scale
+            live = gp * cigp * rhp * rwp + br * bq + 2 * gp * bkg * bq + br * bkg + bl * bq
             if live > _DW_TILE or br * bq > _DW_DOUT // (2 if ieee else 1):
                 continue
             n_rb, n_wb = cdiv(ho, oht), cdiv(wo, owt)
@@ -549,6 +558,14 @@ def dw_plan(h: int, w: int, k: int, st: int, g: int, cig: int, cog: int, usq: in
     return plan
 
 
+def dw_plan_for(up, w_gwc, w_pwc2, stride: int, groups: int, tf32: bool):
+    """dw_plan for stage2_dw's arguments (None: no tile; the caller takes the rebuild path)."""
+    _, usq, h, w = up.shape
+    cout, cig, k, _ = w_gwc.shape
+    return dw_plan(h, w, k, stride, groups, cig, cout // groups, usq, w_pwc2.shape[1], up.dtype == torch.float64,
+                   up.element_size(), up.dtype == torch.float32 and not tf32)
+
+
 @launcher
 def stage2_dw(dout, up, low, a, w_gwc, b_gwc, w_pwc1, w_pwc2, stride: int, groups: int, pairwise: bool, tf32: bool):
     """dA and the convolution weights' gradients of stage 2 from dout, the saved up / low and A.
@@ -563,8 +580,7 @@ def stage2_dw(dout, up, low, a, w_gwc, b_gwc, w_pwc1, w_pwc2, stride: int, group
     ho, wo = (H - 1) // stride + 1, (W - 1) // stride + 1
     fp64 = up.dtype == torch.float64
     cog = cout // groups
-    plan = dw_plan(H, W, k, stride, groups, cig, cog, usq, lsq, fp64, up.element_size(),
-                   up.dtype == torch.float32 and not tf32)
+    plan = dw_plan_for(up, w_gwc, w_pwc2, stride, groups, tf32)
     if plan is None:
         return None
     plan = dict(plan)
@@ -661,6 +677,12 @@ def dgrad_plan(h: int, w: int, k: int, st: int, usq: int, lsq: int, cout: int, i
     return None if best is None else best[1]
 
 
+def dgrad_plan_for(dout, w_gwc, w_pwc1, w_pwc2, h: int, w: int, stride: int, tf32: bool):
+    """dgrad_plan for stage2_dgrad's arguments (None: no tile; the caller takes cuDNN's)."""
+    return dgrad_plan(h, w, w_gwc.shape[2], stride, w_pwc1.shape[1], w_pwc2.shape[1], dout.shape[1],
+                      dout.dtype == torch.float32 and not tf32)
+
+
 @launcher
 def stage2_dgrad(dout, a, kv, w_gwc, w_pwc1, w_pwc2, h: int, w: int, stride: int, channels_last: bool, tf32: bool):
     """(d_up (N, USQ, H, W), d_low (N, LSQ, H, W)) of stage 2 from dout, A and k (stage2_dw):
@@ -671,7 +693,7 @@ def stage2_dgrad(dout, a, kv, w_gwc, w_pwc1, w_pwc2, h: int, w: int, stride: int
     usq = w_pwc1.shape[1]
     lsq = w_pwc2.shape[1]
     p = w_pwc2.shape[0]
-    plan = dgrad_plan(h, w, k, stride, usq, lsq, cout, dout.dtype == torch.float32 and not tf32)
+    plan = dgrad_plan_for(dout, w_gwc, w_pwc1, w_pwc2, h, w, stride, tf32)
     if plan is None:
         return None
     plan = dict(plan)

@@ -170,31 +170,21 @@ def _dgrad_fake(dout, a, kv, w_gwc, w_pwc1, w_pwc2, h, w, stride, channels_last,
 _dgrad_call = eager_direct(_dgrad_op, _dgrad_impl)
 
 
-def _dw_runs(shape, up: torch.Tensor, tf32: bool) -> bool:
-    """Whether _s2_dw_kernel has a tile for this shape (else the stage-1 convolution backward)."""
-    _, usq, h, w = up.shape
-    g = shape.group_size
-    return _kb.dw_plan(h, w, shape.kernel_size, shape.stride, g, usq // g, shape.out_channels // g, usq,
-                       shape.low_sq, up.dtype == torch.float64, up.element_size(),
-                       up.dtype == torch.float32 and not tf32) is not None
-
-
 def _conv_backward(dout, up, low, a, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, tf32, cl,
                    fuse_dgrad):
     """(d_up, d_low, d_id, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, wsq) as ``cru_conv_backward``: dA and the
     weight gradients by stage2_dw (no Y1 or PWC2 output rebuilt) where it has a tile; the input
     gradients by stage2_dgrad where it has one and ``fuse_dgrad`` (then d_low includes the identity
     branch's gradient, and d_id and wsq are None), else the combine's and cuDNN's backward."""
-    if not _dw_runs(shape, up, tf32):
+    if _kb.dw_plan_for(up, w_gwc, w_pwc2, shape.stride, shape.group_size, tf32) is None:
         return cru_conv_backward(dout, (up, low, a), w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax,
                                  True, cl)
     da, kv, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2 = _dw_call(
         dout, up, low, a, w_gwc, b_gwc, w_pwc1, w_pwc2, int(shape.stride), int(shape.group_size),
         softmax == "pairwise", bool(tf32),
     )
-    n, usq, h, w = up.shape
-    if fuse_dgrad and _kb.dgrad_plan(h, w, shape.kernel_size, shape.stride, usq, shape.low_sq, shape.out_channels,
-                                     up.dtype == torch.float32 and not tf32) is not None:
+    h, w = up.shape[2:]
+    if fuse_dgrad and _kb.dgrad_plan_for(dout, w_gwc, w_pwc1, w_pwc2, h, w, shape.stride, tf32) is not None:
         d_up, d_low = _dgrad_call(dout, a, kv, w_gwc, w_pwc1, w_pwc2, h, w, int(shape.stride), cl, bool(tf32))
         return d_up, d_low, None, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, None
     wm, wsq = cru_weights(w_gwc, w_pwc1, w_sq1, w_sq2, shape.group_size, cl)
