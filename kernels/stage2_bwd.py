@@ -101,21 +101,24 @@ def _g_store(grow, trow, gacc, tacc, i0, mc, lead, CIG, K: tl.constexpr, TPD: tl
 @triton.jit
 def _s2_dw_kernel(
     do_ptr, up_ptr, low_ptr, gpart_ptr, tpart_ptr,
-    N, H, W, HO, WO, G, CIG, USQ, LSQ, COUT, COG, PAD, OHT, OWT, N_WB, N_T, TPP, N_SP, RWC, RT,
+    N, H, W, HO, WO, G, CIG, USQ, LSQ, COUT, COG, PAD, OHT, OWT, N_RB, N_T, TPP, N_SP, RWC, RT,
     sd_n, sd_c, sd_h, sd_w,
     su_n, su_c, su_h, su_w,
     sl_n, sl_c, sl_h, sl_w,
     TF32: tl.constexpr, FP64: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr, GP: tl.constexpr,
     CIGP: tl.constexpr, TPD: tl.constexpr, NCH: tl.constexpr, NCHB: tl.constexpr, BCO: tl.constexpr, RHP: tl.constexpr,
-    RWP: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BL: tl.constexpr,
+    RWP: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BL: tl.constexpr, CARRY: tl.constexpr,
 ):
     """Per-sample products G, G1, G2 and sum_o D of output tiles [pid TPP, (pid + 1) TPP) (of N_T =
-    N_RB N_WB per sample, N_WB per row) of sample n; T and L likewise.
+    N_RB N_WB per sample, column by column: tile t is row tile t % N_RB of column t // N_RB) of
+    sample n; T and L likewise.
 
     do_ptr: dout (N, COUT, HO, WO); up / low: (N, USQ | LSQ, H, W). Mirrors _s2_conv_kernel: the
     rows r = g BCO + i are output channels cb BCO + [0, BCO) of every group, the up tile (halo
     included) is loaded once per output tile, each tap's operand is gathered from it (CIGP >= CIG:
-    one chunk). Writes
+    one chunk). Walking down a column, the up tile's rows that the previous tile also covered
+    (its halo) are taken from that tile in registers, not loaded again (CARRY; without it, a
+    tile is loaded whole: one up tile live instead of two). Writes
       gpart[pid, n, c, :RWC]: [G (CIG K K, (ci, tap)), G1 (USQ), G2 (LSQ), sum_o D]
       tpart[pid, n, :RT]:     [T (USQ K K, (ci, tap)), L (LSQ)]   (channel block 0's programs)
     Grid (N_SP * N, N_CB), N_SP = cdiv(N_T, TPP): the partials are per sample anyway, so the
@@ -155,9 +158,12 @@ def _s2_dw_kernel(
     tacc = acc(tl.zeros([GP, NCH, BKG], tl.float32), FP64)
     taccb = acc(tl.zeros([GP, NCHB, BKG], tl.float32), FP64)
     lacc = acc(tl.zeros([BL], tl.float32), FP64)
+    tile = tl.zeros([GP, CIGP, RHP, RWP], up_ptr.dtype.element_ty)
+    sh = OHT * STRIDE  # rows from one row tile to the next
     for t in range(t0, t1):
-        rb = t // N_WB
-        wb = t % N_WB
+        t = t + tl.zeros([], tl.int32)  # a tensor in the interpreter too (the masks below)
+        rb = t % N_RB
+        wb = t // N_RB
         oh = rb * OHT + qh
         ow = wb * OWT + qw
         mq = (qh < OHT) & (qw < OWT) & (oh < HO) & (ow < WO)
@@ -170,13 +176,22 @@ def _s2_dw_kernel(
                      mask=(lch < LSQ)[:, None] & mq[None, :], other=0.0)
         lacc += tl.sum(acc(lt, FP64), axis=1)
         g2acc = _mma(d, tl.trans(lt), g2acc, TF32)
-        # the up tile (halo included), once: [GP, CIGP, RHP, RWP]
-        ih = rb * (OHT * STRIDE) - PAD + tr
+        # the up tile (halo included): [GP, CIGP, RHP, RWP]; rows the tile above held, from it
+        ih = rb * sh - PAD + tr
         iw = wb * (OWT * STRIDE) - PAD + tc
-        mpix = ((ih >= 0) & (ih < H))[:, None] & ((iw >= 0) & (iw < W))[None, :]
+        mrow = (ih >= 0) & (ih < H)
+        if CARRY:
+            kept = (tr + sh < RHP) & (rb > 0) & (t > t0)
+            mrow = mrow & (kept == 0)
+        mpix = mrow[:, None] & ((iw >= 0) & (iw < W))[None, :]
         po = n64 * su_n + ih.to(tl.int64)[:, None] * su_h + iw.to(tl.int64)[None, :] * su_w
-        tile = tl.load(up_ptr + ch[:, :, None, None] * su_c + po[None, None, :, :],
-                       mask=mch[:, :, None, None] & mpix[None, None, :, :], other=0.0)
+        new = tl.load(up_ptr + ch[:, :, None, None] * su_c + po[None, None, :, :],
+                      mask=mch[:, :, None, None] & mpix[None, None, :, :], other=0.0)
+        if CARRY:
+            up_ri = tl.broadcast_to(tl.minimum(tr + sh, RHP - 1)[None, None, :, None], [GP, CIGP, RHP, RWP])
+            tile = tl.where(kept[None, None, :, None], tl.gather(tile, up_ri, axis=2), new)
+        else:
+            tile = new
         cen = tl.reshape(_tap(tile, PAD, PAD, STRIDE, BH, BW), [GP * CIGP, BQ])
         g1acc = _mma(d, tl.trans(cen), g1acc, TF32)
         d3 = tl.reshape(d, [GP, BCO, BQ])
@@ -492,6 +507,8 @@ def _s2_dgrad_kernel(
 _DW_HELD = 12288
 _DW_TILE = 12288
 _DW_DOUT = 1024
+_DW_HELD_IEEE = 8192  # k = 5 without TF32 (9728 held, an 8 x 8 up tile) spilled 24 B on sm_90
+_DW_UP_IEEE = 1536  # live up tiles without TF32: 2 x 1024 (4 x 16, 16 channels) spilled 8 B on sm_90
 # Programs per (sample, channel block), N_SP: each writes a weight-sized row of products; as
 # many as keep their round trip under this share of dout's bytes, at most _DW_MAX_SP (the
 # per-sample reduction reads N_SP rows). Independent of the batch (the samples are programs of
@@ -504,11 +521,11 @@ _DW_MAX_SP = 32
 @functools.lru_cache(maxsize=1024)
 def dw_plan(h: int, w: int, k: int, st: int, g: int, cig: int, cog: int, usq: int, lsq: int,
             fp64: bool, esize: int, ieee: bool = False):
-    """Tiles of _s2_dw_kernel: a dict of its constexprs and grid parameters (OHT, OWT, N_WB,
+    """Tiles of _s2_dw_kernel: a dict of its constexprs and grid parameters (OHT, OWT, N_RB,
     N_T, TPP, N_SP, N_CB) and num_warps; None if none fits (the stage-1 convolution backward
     runs then). Among tiles within the caps, the one that loads the fewest up elements (the
-    halo) per channel block, ties to the larger tile. ``ieee``: fp32 dots without TF32 (on CUDA
-    cores: more registers)."""
+    column halo; the rows' comes from the tile above), ties to fewer lanes run. ``ieee``: fp32
+    dots without TF32 (on CUDA cores: more registers)."""
     ho, wo = (h - 1) // st + 1, (w - 1) // st + 1
     kk = k * k
     gp = np2(g)
@@ -529,24 +546,38 @@ def dw_plan(h: int, w: int, k: int, st: int, g: int, cig: int, cog: int, usq: in
             continue
         br = gp * bco
         held = br * ((nch + nchb) * bkg + gp * cigp + bl) + gp * (nch + nchb) * bkg  # the accumulators
-        if held > _DW_HELD:
+        if held > (_DW_HELD_IEEE if ieee else _DW_HELD):
             continue
         n_cb = cdiv(cog, bco)
-        for rwp, rhp in itertools.product((4, 8, 16, 32, 64), (4, 8, 16, 32, 64)):
-            bw, bh = _pow2_floor(rwp // st), _pow2_floor(rhp // st)
+        for rwp, rhp, bw, bh in itertools.product(*(2 * ((4, 8, 16, 32, 64),)), *(2 * ((1, 2, 4, 8, 16, 32),))):
             owt, oht = min(bw, (rwp - k) // st + 1), min(bh, (rhp - k) // st + 1)
-            if owt < 1 or oht < 1 or bw * bh < 16:
+            # lanes no wider than the outputs the tile covers (_tap clamps the rest to its edge)
+            if owt < 1 or oht < 1 or bw * bh < 16 or bw > _pow2_floor(rwp // st) or bh > _pow2_floor(rhp // st):
                 continue
             bq = bh * bw
-            live = gp * cigp * rhp * rwp + br * bq + 2 * gp * bkg * bq + br * bkg + bl * bq
+            n_rb, n_wb = cdiv(ho, oht), cdiv(wo, owt)
+            # CARRY (one row tile: nothing to carry) keeps two up tiles live across the row step
+            # (the one above, the gathered one), and walking down a column loads each row once
+            # (the halo comes from the tile above); without it each tile loads its halo again
+            carry = n_rb > 1
+            upt = gp * cigp * rhp * rwp * (2 if carry else 1)
+            live = upt + br * bq + 2 * gp * bkg * bq + br * bkg + bl * bq
             if live > _DW_TILE or br * bq > _DW_DOUT // (2 if ieee else 1):
                 continue
-            n_rb, n_wb = cdiv(ho, oht), cdiv(wo, owt)
-            loads = n_cb * usq * _span(n_rb, oht * st, rhp, k // 2, h) * _span(n_wb, owt * st, rwp, k // 2, w)
-            key = (loads, -bq, -bco)
+            if ieee and carry and upt > _DW_UP_IEEE:
+                carry, upt = False, upt // 2
+            if ieee and upt > _DW_UP_IEEE:
+                continue
+            if carry:
+                rows = max(0, min(h, (n_rb - 1) * oht * st - k // 2 + rhp))
+            else:
+                rows = _span(n_rb, oht * st, rhp, k // 2, h)
+            # up elements loaded; then the lanes the dots run on (masked ones too)
+            loads = n_cb * usq * rows * _span(n_wb, owt * st, rwp, k // 2, w)
+            key = (loads, n_rb * n_wb * bq, -bco)
             if best is None or key < best[0]:
                 best = (key, dict(GP=gp, CIGP=cigp, TPD=tpd, NCH=nch, NCHB=nchb, BCO=bco, RHP=rhp, RWP=rwp, BH=bh, BW=bw,
-                                  BL=bl, OHT=oht, OWT=owt, N_WB=n_wb, N_T=n_rb * n_wb, N_CB=n_cb))
+                                  BL=bl, CARRY=carry, OHT=oht, OWT=owt, N_RB=n_rb, N_T=n_rb * n_wb, N_CB=n_cb))
     if best is None:
         return None
     plan = best[1]
@@ -584,8 +615,8 @@ def stage2_dw(dout, up, low, a, w_gwc, b_gwc, w_pwc1, w_pwc2, stride: int, group
     if plan is None:
         return None
     plan = dict(plan)
-    oht, owt, n_wb, n_t, tpp, n_sp, n_cb = (plan.pop(key) for key in
-                                            ("OHT", "OWT", "N_WB", "N_T", "TPP", "N_SP", "N_CB"))
+    oht, owt, n_rb, n_t, tpp, n_sp, n_cb = (plan.pop(key) for key in
+                                            ("OHT", "OWT", "N_RB", "N_T", "TPP", "N_SP", "N_CB"))
     adt = acc_dtype(up.dtype)
     kk = k * k
     rwc = cig * kk + usq + lsq + 1
@@ -595,7 +626,7 @@ def stage2_dw(dout, up, low, a, w_gwc, b_gwc, w_pwc1, w_pwc2, stride: int, group
     tpart = torch.empty((n_sp, N, rt), **kw)
     _s2_dw_kernel[(n_sp * N, n_cb)](
         dout, up, low, gpart, tpart,
-        N, H, W, ho, wo, groups, cig, usq, lsq, cout, cog, k // 2, oht, owt, n_wb, n_t, tpp, n_sp, rwc, rt,
+        N, H, W, ho, wo, groups, cig, usq, lsq, cout, cog, k // 2, oht, owt, n_rb, n_t, tpp, n_sp, rwc, rt,
         *dout.stride(), *up.stride(), *low.stride(),
         TF32=bool(tf32), FP64=fp64, K=k, STRIDE=stride, **plan,
     )

@@ -53,6 +53,8 @@ CONFIGS = (
     + [(64, 64, 28, 2, "bf16", True, {"alpha": 0.25, "group_kernel_size": 7, "squeeze_radio": 4})]
     + [(64, 64, 14, 1, "fp16", False, {"group_kernel_size": 1, "gate": "hard"})]
     + [(64, 64, 56, 1, "fp32", cl, {"tf32": False}) for cl in (False, True)]
+    # the dw pass at k = 5 (two tap blocks of 8), and on an image of one row tile (CARRY off)
+    + [(64, 64, 14, 1, "fp32", False, {"group_kernel_size": 5}), (64, 64, 5, 2, "fp32", True, {"group_kernel_size": 5})]
     # the first layer of a network: no input gradient (the squeeze backward without dx)
     + [(64, 64, 56, 1, "bf16", True, {"no_dx": True}), (64, 64, 56, 1, "fp32", False, {"no_dx": True})]
     # stage 1 (selectable, and the fallback): its forward kernels run only there
@@ -163,7 +165,7 @@ def test_every_kernel_and_variant_is_covered(aot_results):
             if isinstance(v, bool):
                 flags.setdefault((s.target(), k), set()).add(v)
     for name in ("SOFTMAX", "FLAT", "FP64", "TORCH_GN", "PAIRWISE", "HAS_LOW", "HAS_P", "EVEN", "TF32", "HOLD",
-                 "GN_GRAD", "HAS_DL", "HAS_ID"):
+                 "GN_GRAD", "HAS_DL", "HAS_ID", "CARRY"):
         seen = {v for (t, k), vals in flags.items() if k == name for v in vals}
         assert seen == {True, False}, f"constexpr {name} only compiled as {seen}"
     # the SRU's mask rule and operand (every upstream revision, and the 2023-10 hard gate)

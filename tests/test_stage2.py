@@ -27,6 +27,8 @@ STAGE2_DW = ["_s2_dw_kernel", "_s2_dsoft_kernel", "_s2_dw_reduce_kernel"]  # dA 
 STAGE2_DG = ["_s2_dgrad_kernel"]  # the convolutions' input gradients, dY formed on the fly
 # k = 7: no _s2_dw_kernel / _s2_dgrad_kernel tile fits (dw_plan, dgrad_plan None): stage 1's conv backward
 NO_DW = {"alpha0.75-g4-k7-s3-cl"}
+# fp32 without TF32 (dots on CUDA cores) holds fewer accumulators: k = 5 takes the rebuild path too
+NO_DW_IEEE = NO_DW | {"alpha0.25-s2-k5"}
 
 # (SCConv kwargs, (N, H, W), channels_last): together every option of the module
 CONFIGS = {
@@ -173,9 +175,9 @@ def test_fp64_stride3_many_row_tiles(device):
     kw = dict(op_channel=16, stride=3, group_size=2, out_channels=12)
     fused, base = _pair(kw, device)
     sh = fused.CRU.shape
-    plan = kb.dgrad_plan(17, 13, 3, 3, sh.up_sq, sh.low_sq, 12)
+    plan = kb.dgrad_plan(17, 41, 3, 3, sh.up_sq, sh.low_sq, 12)
     assert plan["N_RB"] > 1 and plan["N_WB"] > 1, plan
-    _check(fused, base, _input(kw, (2, 17, 13), True, device, torch.float64), TOL[torch.float64])
+    _check(fused, base, _input(kw, (2, 17, 41), True, device, torch.float64), TOL[torch.float64])
 
 
 def test_fp64_dw_pass_in_many_programs(device, monkeypatch):
@@ -293,7 +295,7 @@ def test_fp32_ieee_matches_reference_where_gates_agree(name, device):
     fused, base = _pair(kw, device, torch.float32)
     x = draw_away_from_gate(base.SRU, lambda: _input(kw, shape, cl, device, torch.float32), margin=1e-6, tries=20)
     with _ieee():
-        _check(fused, base, x, TOL[torch.float32])
+        _check(fused, base, x, TOL[torch.float32], dw=name not in NO_DW_IEEE)
 
 
 @pytest.mark.parametrize("name", ["alpha0.75-g4-k7-s3-cl", "default-cl"])  # stage 1's / the Triton conv backward
