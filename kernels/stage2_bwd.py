@@ -418,7 +418,8 @@ def _s2_dgrad_kernel(
     sample n, column block wb (input columns wb IWT + [0, IWT)), every row tile (input rows
     rb IHT + [0, IHT)); it holds the A-scaled weights of its sample, and per tile loads dout's
     outputs rows oh0 + [0, ORH) x columns ow0 + [0, ORW) (every output a tap of the tile reads),
-    all COUT channels, once. Grid (N * N_WB,).
+    all COUT channels, once; the rows the tile above loaded too come from it, in registers.
+    Grid (N * N_WB,).
     """
     KK: tl.constexpr = K * K
     BQ: tl.constexpr = BH * BW
@@ -463,15 +464,25 @@ def _s2_dgrad_kernel(
     ow_end = _floor_div(j0 + IWT - 1 + PAD, STRIDE)
     ow = ow0 + tc
     iw = j0 + qw
+    tile = tl.zeros([BC, ORH, ORW], do_ptr.dtype.element_ty)
+    oh0 = _floor_div(-PAD, STRIDE)
+    oh_end = oh0 - 1  # the rows the previous tile holds: none
     for rb in range(0, N_RB):
         i0 = rb * IHT
+        prev0 = oh0
+        prev_end = oh_end
         oh0 = _floor_div(i0 - PAD, STRIDE)
         oh_end = _floor_div(i0 + IHT - 1 + PAD, STRIDE)
         oh = oh0 + tr
-        mo = ((oh >= 0) & (oh < HO) & (oh <= oh_end))[:, None] & ((ow >= 0) & (ow < WO) & (ow <= ow_end))[None, :]
+        # rows the tile above loaded (its last ones: the halo) are taken from it in registers
+        kept = oh <= prev_end
+        mo = (((oh >= 0) & (oh < HO) & (oh <= oh_end) & (kept == 0))[:, None]
+              & ((ow >= 0) & (ow < WO) & (ow <= ow_end))[None, :])
         do = n64 * sd_n + oh.to(tl.int64)[:, None] * sd_h + ow.to(tl.int64)[None, :] * sd_w
-        tile = tl.load(do_ptr + c64[:, None, None] * sd_c + do[None, :, :], mask=mc[:, None, None] & mo[None, :, :],
-                       other=0.0)
+        new = tl.load(do_ptr + c64[:, None, None] * sd_c + do[None, :, :], mask=mc[:, None, None] & mo[None, :, :],
+                      other=0.0)
+        ri = tl.broadcast_to(tl.minimum(tr + (oh0 - prev0), ORH - 1)[None, :, None], [BC, ORH, ORW])
+        tile = tl.where(kept[None, :, None], tl.gather(tile, ri, axis=1), new)
         du = acc(tl.zeros([BU, BQ], tl.float32), FP64)
         for t in range(0, NCH):
             du = _dg_tap(du, tile, wa, va, t, 0, i0, j0, oh0, ow0, lh, lw, IHT, IWT, H, W, HO, WO, PAD, K, STRIDE,
@@ -677,7 +688,8 @@ def _owned(lanes: int, rows: int, size: int, k: int, st: int) -> int:
 def dgrad_plan(h: int, w: int, k: int, st: int, usq: int, lsq: int, cout: int, ieee: bool = False):
     """Tiles of _s2_dgrad_kernel: a dict (IHT, IWT, N_RB, N_WB and its constexprs) or None if no
     tile fits (cuDNN's input gradients run then). Among the tiles within the caps, the one that
-    loads the fewest dout elements (the outputs its taps read, halo included), ties to more lanes.
+    loads the fewest dout elements (the outputs its taps read: the column halo; the rows' comes
+    from the tile above), ties to fewer lanes run.
     ``ieee``: fp32 dots without TF32 (CUDA cores: half the caps)."""
     ho, wo = (h - 1) // st + 1, (w - 1) // st + 1
     bu, bl, bc = _d(usq), _d(lsq), _d(cout)
@@ -687,7 +699,7 @@ def dgrad_plan(h: int, w: int, k: int, st: int, usq: int, lsq: int, cout: int, i
     if bu * (nch + nchb) * bc + bl * bc > _DG_HELD:
         return None
     best = None
-    for bh, bw, orh, orw in itertools.product((4, 8, 16, 32), repeat=4):
+    for bh, bw, orh, orw in itertools.product(*(2 * ((1, 2, 4, 8, 16, 32),)), *(2 * ((4, 8, 16, 32),))):
         bq = bh * bw
         cut = 2 if ieee else 1
         if bq < 16 or bc * orh * orw * cut > _DG_TILE or bc * bq * cut > _DG_OP or (bu + bl) * bq * cut > _DG_ACC:
@@ -696,12 +708,11 @@ def dgrad_plan(h: int, w: int, k: int, st: int, usq: int, lsq: int, cout: int, i
         if iht == 0 or iwt == 0:
             continue
         n_rb, n_wb = cdiv(h, iht), cdiv(w, iwt)
-        # dout rows (columns) the tiles load inside the image
-        rows = sum(max(0, min((i0 + iht - 1 + k // 2) // st + 1, ho) - max((i0 - k // 2) // st, 0))
-                   for i0 in range(0, h, iht))
+        # dout columns the column blocks load inside the image; down a block, each output row
+        # once (the halo rows come from the tile above); then the lanes the dots run on
         cols = sum(max(0, min((j0 + iwt - 1 + k // 2) // st + 1, wo) - max((j0 - k // 2) // st, 0))
                    for j0 in range(0, w, iwt))
-        key = (rows * cols, -bq)
+        key = (cols, n_rb * n_wb * bq)
         if best is None or key < best[0]:
             best = (key, dict(IHT=iht, IWT=iwt, N_RB=n_rb, N_WB=n_wb, NCH=nch, NCHB=nchb, BU=bu, BL=bl, BC=bc,
                               ORH=orh, ORW=orw, BH=bh, BW=bw, num_warps=8))
