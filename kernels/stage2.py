@@ -316,13 +316,82 @@ def _tap_block(tile, i, K: tl.constexpr, STRIDE: tl.constexpr, BH: tl.constexpr,
 
 
 @triton.jit
-def _y2_weights(w2_ptrs, w2_mask, ident, a2, HAS_P: tl.constexpr, FP64: tl.constexpr):
+def _y2_weights(wp2_ptr, c, mc, lch, a2, P, LSQ, HAS_P: tl.constexpr, FP64: tl.constexpr):
     """A2-scaled rows of Y2's matrix [BR, BL]: PWC2's weights (HAS_P; rows c < P) and the one-hot
-    rows of the identity channels."""
-    w = tl.where(ident, 1.0, 0.0)
+    rows of the identity channels c - P of low."""
+    w = tl.where((mc & (c >= P))[:, None] & (lch[None, :] == (c - P)[:, None]), 1.0, 0.0)
     if HAS_P:
-        w += acc(tl.load(w2_ptrs, mask=w2_mask, other=0.0), FP64)
+        w += acc(tl.load(wp2_ptr + c.to(tl.int64)[:, None] * LSQ + lch[None, :],
+                         mask=(mc & (c < P))[:, None] & (lch < LSQ)[None, :], other=0.0), FP64)
     return acc(w, FP64) * a2[:, None]
+
+
+@triton.jit
+def _pwc1_weights(wp1_ptr, c, mc, kg, c0, G, CIG, USQ, CIGP: tl.constexpr):
+    """[BR, GP * CIGP] PWC1 weights of the up channels (g, c0 + ci) (columns (g, ci))."""
+    gk = kg // CIGP
+    ck = c0 + kg % CIGP
+    return tl.load(wp1_ptr + c.to(tl.int64)[:, None] * USQ + (gk * CIG + ck)[None, :],
+                   mask=mc[:, None] & ((gk < G) & (ck < CIG))[None, :], other=0.0)
+
+
+@triton.jit
+def _conv_tile(up_ptr, low_ptr, wg_ptr, wp1_ptr, wp2_ptr, out_ptr, n64, rb, wb, c, mc, lch, kg, a1, a2, a1b,
+               wall, w1h, w2h, H, W, HO, WO, G, CIG, USQ, LSQ, P, PAD, OHT, OWT,
+               su_n, su_c, su_h, su_w, sl_n, sl_c, sl_h, sl_w, so_n, so_c, so_h, so_w,
+               HAS_P: tl.constexpr, FP64: tl.constexpr, TF32: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr,
+               HOLD: tl.constexpr, GP: tl.constexpr, CIGP: tl.constexpr, TPD: tl.constexpr, NCH: tl.constexpr,
+               BCO: tl.constexpr, RHP: tl.constexpr, RWP: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """_s2_conv_kernel's output tile (rb, wb) of sample n64 and channels c: the weights are
+    wall / w1h / w2h (HOLD) or loaded block by block."""
+    KK: tl.constexpr = K * K
+    BQ: tl.constexpr = BH * BW
+    BR: tl.constexpr = GP * BCO
+    BKG: tl.constexpr = TPD * CIGP
+    wdt = wg_ptr.dtype.element_ty
+    qh, qw, gi, ci, tr, tc = _tile_lanes(GP, CIGP, RHP, RWP, BH, BW)
+    oh = rb * OHT + qh
+    ow = wb * OWT + qw
+    mq = (qh < OHT) & (qw < OWT) & (oh < HO) & (ow < WO)
+    # Y2 first: the identity channels of low and A2 PWC2 at the strided positions (low read once)
+    lo = n64 * sl_n + (oh * STRIDE).to(tl.int64) * sl_h + (ow * STRIDE).to(tl.int64) * sl_w
+    lt = tl.load(low_ptr + lo[None, :] + lch.to(tl.int64)[:, None] * sl_c,
+                 mask=(lch < LSQ)[:, None] & mq[None, :], other=0.0)
+    o = acc(tl.zeros([BR, BQ], tl.float32), FP64) + a1b[:, None]
+    if HOLD:
+        o = _mma(w2h, lt, o, TF32)
+    else:
+        o = _mma(_y2_weights(wp2_ptr, c, mc, lch, a2, P, LSQ, HAS_P, FP64).to(wdt), lt, o, TF32)
+
+    ih = rb * (OHT * STRIDE) - PAD + tr
+    iw = wb * (OWT * STRIDE) - PAD + tc
+    mpix = ((ih >= 0) & (ih < H))[:, None] & ((iw >= 0) & (iw < W))[None, :]
+    po = n64 * su_n + ih.to(tl.int64)[:, None] * su_h + iw.to(tl.int64)[None, :] * su_w
+    for c0 in range(0, CIG, CIGP):
+        # the up tile of this channel chunk, once: [GP, CIGP, RHP, RWP]
+        ch = (gi[:, None] * CIG + c0 + ci[None, :]).to(tl.int64)
+        mch = (gi < G)[:, None] & (c0 + ci < CIG)[None, :]
+        tile = tl.load(up_ptr + ch[:, :, None, None] * su_c + po[None, None, :, :],
+                       mask=mch[:, :, None, None] & mpix[None, None, :, :], other=0.0)
+        # PWC1: every up channel at the centre tap, which is in the tile too
+        cen = tl.reshape(_tap(tile, PAD, PAD, STRIDE, BH, BW), [GP * CIGP, BQ])
+        if HOLD:
+            o = _mma(w1h, cen, o, TF32)
+        else:
+            w1 = _pwc1_weights(wp1_ptr, c, mc, kg, c0, G, CIG, USQ, CIGP)
+            o = _mma((acc(w1, FP64) * a1[:, None]).to(wdt), cen, o, TF32)
+        # GWC: per K block TPD taps x CIGP channels of each group, formed from the tile
+        o = tl.reshape(o, [GP, BCO, BQ])
+        for i in range(0, (KK + TPD - 1) // TPD):
+            op = _tap_block(tile, i, K, STRIDE, BH, BW, TPD)
+            if HOLD:  # block i of the held weights (a select in registers, no load)
+                w = tl.sum(tl.where((tl.arange(0, NCH) == i)[None, :, None], wall, 0.0), axis=1).to(wdt)
+            else:
+                w = (acc(_gwc_weights(wg_ptr, c, mc, CIG, c0, i * TPD, K, CIGP, TPD), FP64) * a1[:, None]).to(wdt)
+            o = _mma(tl.reshape(w, [GP, BCO, BKG]), op, o, TF32)
+        o = tl.reshape(o, [BR, BQ])
+    oo = n64 * so_n + c.to(tl.int64)[:, None] * so_c + (oh.to(tl.int64) * so_h + ow.to(tl.int64) * so_w)[None, :]
+    tl.store(out_ptr + oo, o.to(out_ptr.dtype.element_ty), mask=mc[:, None] & mq[None, :])
 
 
 @triton.jit
@@ -347,35 +416,27 @@ def _s2_conv_kernel(
     rows rb OHT st - PAD + [0, RHP), columns likewise [0, RWP), the group's input channels in
     chunks of CIGP (channels (g, ci) as [GP, CIGP]), each loaded once (zero outside the image): OHT = (RHP - K) // st + 1 output rows fit in it, so
     neighbouring tiles overlap by the halo only. Lanes: BH x BW (powers of two >= OHT x OWT).
-    A program walks RPP row tiles (a strip; N_ST strips of the N_RB row tiles) of one of the
-    N_WB column blocks; HOLD: it loads its weights once for the strip, else per tile (RPP = 1
-    then; HOLD needs one chunk, CIGP >= CIG). A K block of the GWC dot spans TPD (1 or 2) taps x
-    CIGP channels; NCH >= the number of tap blocks (a power of two: the held weights' shape). Grid (N * N_ST * N_WB, N_CB).
+    HOLD: a program walks RPP row tiles (a strip; N_ST strips of the N_RB row tiles) of one of
+    the N_WB column blocks and loads its weights once for the strip (HOLD needs one chunk, CIGP
+    >= CIG); else it computes one tile (RPP = 1, N_ST = N_RB) and loads each weight block where
+    it is used, so no weight or pointer tile lives across the others. A K block of the GWC dot
+    spans TPD (1 or 2) taps x CIGP channels; NCH >= the number of tap blocks (a power of two: the
+    held weights' shape). Grid (N * N_ST * N_WB, N_CB).
     """
     KK: tl.constexpr = K * K
-    BQ: tl.constexpr = BH * BW
-    BR: tl.constexpr = GP * BCO
     BKG: tl.constexpr = TPD * CIGP
     pid = tl.program_id(0)
     wb = pid % N_WB
     rb0 = ((pid // N_WB) % N_ST) * RPP
     n64 = (pid // (N_WB * N_ST)).to(tl.int64)
-    nrb = tl.minimum(RPP, N_RB - rb0)
     cb = tl.program_id(1)
-    r = tl.arange(0, BR)
+    r = tl.arange(0, GP * BCO)
     rg = r // BCO
     co = cb * BCO + r % BCO
     c = rg * COG + co
     mc = (rg < G) & (co < COG)
-    mcp = mc & (c < P)
     lch = tl.arange(0, BL)
     kg = tl.arange(0, GP * CIGP)
-    w1_ptrs = wp1_ptr + c.to(tl.int64)[:, None] * USQ + ((kg // CIGP) * CIG + kg % CIGP)[None, :]
-    w1_mask = mc[:, None] & ((kg // CIGP < G) & (kg % CIGP < CIG))[None, :]  # chunk c0 = 0; + c0 below
-    w2_ptrs = wp2_ptr + c.to(tl.int64)[:, None] * LSQ + lch[None, :]
-    w2_mask = mcp[:, None] & (lch < LSQ)[None, :]
-    # Y2 = M low with M's rows: PWC2's for c < P, one-hot (the identity channel c - P) for c >= P
-    ident = (mc & (c >= P))[:, None] & (lch[None, :] == (c - P)[:, None])
     # the softmax of the pooled means -> A1, A2 of these channels
     if PAIRWISE:
         mx = 0.0
@@ -389,8 +450,8 @@ def _s2_conv_kernel(
     # out = A1 (GWC + PWC1 + b) + A2 (PWC2 | identity): A1 and A2 scale the weights' rows, so the
     # dots of both branches accumulate into the output tile itself (one accumulator, not three)
     a1b = a1 * acc(tl.load(bg_ptr + c, mask=mc, other=0.0), FP64)
-    wdt = wg_ptr.dtype.element_ty
     if HOLD:  # every weight of these channels, once: [BR, NCH, BKG] GWC blocks, PWC1, PWC2
+        wdt = wg_ptr.dtype.element_ty
         ich = tl.arange(0, NCH)
         kk = tl.arange(0, BKG)
         kc = kk % CIGP
@@ -398,54 +459,18 @@ def _s2_conv_kernel(
         wall = tl.load(wg_ptr + c.to(tl.int64)[:, None, None] * (CIG * KK) + (kc[None, :] * KK + kt)[None, :, :],
                        mask=mc[:, None, None] & ((kc[None, :] < CIG) & (kt < KK))[None, :, :], other=0.0)
         wall = (acc(wall, FP64) * a1[:, None, None]).to(wdt)
-        w1h = (acc(tl.load(w1_ptrs, mask=w1_mask, other=0.0), FP64) * a1[:, None]).to(wdt)
-        w2h = _y2_weights(w2_ptrs, w2_mask, ident, a2, HAS_P, FP64).to(wdt)
-
-    qh, qw, gi, ci, tr, tc = _tile_lanes(GP, CIGP, RHP, RWP, BH, BW)
-    iw = wb * (OWT * STRIDE) - PAD + tc
-    ow = wb * OWT + qw
-    for rb in range(rb0, rb0 + nrb):
-        oh = rb * OHT + qh
-        mq = (qh < OHT) & (qw < OWT) & (oh < HO) & (ow < WO)
-        # Y2 first: the identity channels of low and A2 PWC2 at the strided positions (low read once)
-        lo = n64 * sl_n + (oh * STRIDE).to(tl.int64) * sl_h + (ow * STRIDE).to(tl.int64) * sl_w
-        lt = tl.load(low_ptr + lo[None, :] + lch.to(tl.int64)[:, None] * sl_c,
-                     mask=(lch < LSQ)[:, None] & mq[None, :], other=0.0)
-        o = acc(tl.zeros([BR, BQ], tl.float32), FP64) + a1b[:, None]
-        if HOLD:
-            o = _mma(w2h, lt, o, TF32)
-        else:
-            o = _mma(_y2_weights(w2_ptrs, w2_mask, ident, a2, HAS_P, FP64).to(wdt), lt, o, TF32)
-
-        ih = rb * (OHT * STRIDE) - PAD + tr
-        mpix = ((ih >= 0) & (ih < H))[:, None] & ((iw >= 0) & (iw < W))[None, :]
-        po = n64 * su_n + ih.to(tl.int64)[:, None] * su_h + iw.to(tl.int64)[None, :] * su_w
-        for c0 in range(0, CIG, CIGP):
-            # the up tile of this channel chunk, once: [GP, CIGP, RHP, RWP]
-            ch = (gi[:, None] * CIG + c0 + ci[None, :]).to(tl.int64)
-            mch = (gi < G)[:, None] & (c0 + ci < CIG)[None, :]
-            tile = tl.load(up_ptr + ch[:, :, None, None] * su_c + po[None, None, :, :],
-                           mask=mch[:, :, None, None] & mpix[None, None, :, :], other=0.0)
-            # PWC1: every up channel at the centre tap, which is in the tile too
-            cen = tl.reshape(_tap(tile, PAD, PAD, STRIDE, BH, BW), [GP * CIGP, BQ])
-            if HOLD:
-                o = _mma(w1h, cen, o, TF32)
-            else:
-                w1 = tl.load(w1_ptrs + c0, mask=w1_mask & (c0 + kg % CIGP < CIG)[None, :], other=0.0)
-                o = _mma((acc(w1, FP64) * a1[:, None]).to(wdt), cen, o, TF32)
-            # GWC: per K block TPD taps x CIGP channels of each group, formed from the tile
-            o = tl.reshape(o, [GP, BCO, BQ])
-            for i in range(0, (KK + TPD - 1) // TPD):
-                t = i * TPD
-                op = _tap_block(tile, i, K, STRIDE, BH, BW, TPD)
-                if HOLD:  # block i of the held weights (a select in registers, no load)
-                    w = tl.sum(tl.where((ich == i)[None, :, None], wall, 0.0), axis=1).to(wdt)
-                else:
-                    w = (acc(_gwc_weights(wg_ptr, c, mc, CIG, c0, t, K, CIGP, TPD), FP64) * a1[:, None]).to(wdt)
-                o = _mma(tl.reshape(w, [GP, BCO, BKG]), op, o, TF32)
-            o = tl.reshape(o, [BR, BQ])
-        oo = n64 * so_n + c.to(tl.int64)[:, None] * so_c + (oh.to(tl.int64) * so_h + ow.to(tl.int64) * so_w)[None, :]
-        tl.store(out_ptr + oo, o.to(out_ptr.dtype.element_ty), mask=mc[:, None] & mq[None, :])
+        w1h = (acc(_pwc1_weights(wp1_ptr, c, mc, kg, 0, G, CIG, USQ, CIGP), FP64) * a1[:, None]).to(wdt)
+        w2h = _y2_weights(wp2_ptr, c, mc, lch, a2, P, LSQ, HAS_P, FP64).to(wdt)
+        for rb in range(rb0, rb0 + tl.minimum(RPP, N_RB - rb0)):
+            _conv_tile(up_ptr, low_ptr, wg_ptr, wp1_ptr, wp2_ptr, out_ptr, n64, rb, wb, c, mc, lch, kg, a1, a2, a1b,
+                       wall, w1h, w2h, H, W, HO, WO, G, CIG, USQ, LSQ, P, PAD, OHT, OWT,
+                       su_n, su_c, su_h, su_w, sl_n, sl_c, sl_h, sl_w, so_n, so_c, so_h, so_w,
+                       HAS_P, FP64, TF32, K, STRIDE, True, GP, CIGP, TPD, NCH, BCO, RHP, RWP, BH, BW)
+    else:
+        _conv_tile(up_ptr, low_ptr, wg_ptr, wp1_ptr, wp2_ptr, out_ptr, n64, rb0, wb, c, mc, lch, kg, a1, a2, a1b,
+                   a1, a1, a1, H, W, HO, WO, G, CIG, USQ, LSQ, P, PAD, OHT, OWT,
+                   su_n, su_c, su_h, su_w, sl_n, sl_c, sl_h, sl_w, so_n, so_c, so_h, so_w,
+                   HAS_P, FP64, TF32, K, STRIDE, False, GP, CIGP, TPD, NCH, BCO, RHP, RWP, BH, BW)
 
 
 # ----------------------------------------------------------------------------------------
@@ -658,6 +683,18 @@ _OUT_TILE = 8192
 _UP_TILE = 4096
 _OPERAND = 8192  # half that from 4 groups up (spills at k = 5, 4 groups)
 _HELD = 10240
+# ... and all of them live at once, with PWC2's [BR, BL] weights (held; or loaded per tile, counted
+# 3x: their 64-bit pointers stay live across the tiles): each cap alone let tiles that sit at
+# several caps at once spill (k = 5 held, 8 B on sm_90; a stride-2 tile of 128 rows whose PWC2
+# block is 8192, 296 B), and IEEE fp32 dots (FMA, not MMA: their
+# operands are replicated across the threads of a row) spilled 300 B at the TF32 tile of 64@56.
+_LIVE = 25600
+_LIVE_IEEE = 16384
+# Left to itself ptxas capped the conv program of a one-tile plan (k = 5, 4 groups) at 128
+# registers and put 16 B on the stack (sm_80, the AOT check); the held tiles take 230-255
+# registers anyway, so the conv launch allows 255. (Not the squeeze: there 255 let ptxas grow
+# tiles that fit in 128 into stack frames.)
+_CONV_MAXNREG = 255
 
 
 def _d(v: int) -> int:
@@ -699,26 +736,28 @@ def _span(blocks: int, step: int, size: int, pad: int, limit: int) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def conv_plan(n: int, h: int, w: int, k: int, st: int, g: int, cig: int, cog: int, usq: int, lsq: int,
-              p: int, fp64: bool):
+              p: int, fp64: bool, ieee: bool = False):
     """Tiles of _s2_conv_kernel for this shape: a dict of its constexprs and grid parameters
     (OHT, OWT, N_RB, N_WB, N_ST, RPP, N_CB) and num_warps; None if none fits (stage 1 runs then).
 
     Register caps (8 warps; fp64 counts 2.5x), set from the AOT check's registers (tests/test_aot.py:
     no spills): output tile BR x BQ <= 8192 elements, up tile <= 4096, a K block's gathered
-    operand <= 8192 (4096 from 4 groups up), held weights <= 10240;
-    the group's input channels in chunks of CIGP when its up tile would exceed the cap.
+    operand <= 8192 (4096 from 4 groups up), held weights <= 10240, and all of them with PWC2's
+    weights (3x when streamed) <= 25600 (16384 for fp32 dots without TF32, ieee); the group's input channels in
+    chunks of CIGP when its up tile would exceed the cap.
     Among the tiles within them, the one that loads the fewest elements: each output tile's up
     tile (the halo: k - st rows and columns shared with the neighbours), low once, and the
     weights of the program's channels (once per column of row tiles when it holds them, HOLD,
     else per tile). Ties: the larger tile."""
     for relax in (1, 4, 16):  # tiny odd configs (k 7, stride 3, 4 groups of 3 channels): looser caps
-        plan = _conv_search(n, h, w, k, st, g, cig, cog, usq, lsq, fp64, relax)
+        plan = _conv_search(n, h, w, k, st, g, cig, cog, usq, lsq, fp64, ieee, relax)
         if plan is not None:
             return plan
-    return None
+    # supports() asks for the TF32 tiles: IEEE takes them where its own cap leaves none
+    return conv_plan(n, h, w, k, st, g, cig, cog, usq, lsq, p, fp64) if ieee else None
 
 
-def _conv_search(n, h, w, k, st, g, cig, cog, usq, lsq, fp64, relax):
+def _conv_search(n, h, w, k, st, g, cig, cog, usq, lsq, fp64, ieee, relax):
     ho, wo = (h - 1) // st + 1, (w - 1) // st + 1
     kk = k * k
     gp = np2(g)
@@ -755,7 +794,11 @@ def _conv_search(n, h, w, k, st, g, cig, cog, usq, lsq, fp64, relax):
                 # per sample: up rows x columns the tiles load (the halo inside the image), low once
                 act = usq * _span(n_rb, oht * st, rhp, k // 2, h) * _span(n_wb, owt * st, rwp, k // 2, w) + lsq * ho * wo
                 for hold in (True, False):
-                    if hold and (cigp < cig or br * (nch * tpd * cigp + gp * cigp + bl) * scale > _HELD):
+                    held = br * (nch * tpd * cigp + gp * cigp + bl)
+                    if hold and (cigp < cig or held * scale > _HELD):
+                        continue
+                    live = br * bq + gp * cigp * rhp * rwp + gp * tpd * cigp * bq + (held if hold else br * bl)
+                    if live * scale > (_LIVE_IEEE if ieee else _LIVE):
                         continue
                     wl = min(br, g * cog) * wsz
                     loads = n * n_cb * act + n * n_wb * n_cb * wl * (1 if hold else n_rb)
@@ -860,15 +903,17 @@ def stage2_forward(x, mean, rstd, wsum, gn_w, gn_b, w_sq1, w_sq2, w_gwc, b_gwc, 
         HAS_P=p > 0, FP64=fp64, K=k, BN=8 if fp64 else 16, BCO=bco_m, BJ=8 if fp64 else 16, num_warps=8,  # else stack spills (AOT)
     )
 
-    plan = dict(conv_plan(N, H, W, k, stride, groups, cig, cog, usq, lsq, p, fp64))
+    plan = dict(conv_plan(N, H, W, k, stride, groups, cig, cog, usq, lsq, p, fp64,
+                          x.dtype == torch.float32 and not tf32))
     grid = [plan.pop(key) for key in ("OHT", "OWT", "N_RB", "N_WB", "N_ST", "RPP", "N_CB")]
     n_wb, n_st, n_cb = grid[3], grid[4], grid[6]
+    assert plan["HOLD"] or grid[5] == 1, "a program that streams its weights computes one tile"
     _s2_conv_kernel[(N * n_st * n_wb, n_cb)](
         up, low, m, wg, b_gwc, wp1, wp2, out, a,
         H, W, ho, wo, groups, cig, usq, lsq, cout, cog, p, pad, *grid[:6],
         *up.stride(), *low.stride(), *strides4(out),
         HAS_P=p > 0, PAIRWISE=bool(pairwise), FP64=fp64, TF32=bool(tf32), K=k, STRIDE=stride,
-        BLOCK_M=min(np2(2 * cout), 1024), **plan,
+        BLOCK_M=min(np2(2 * cout), 1024), maxnreg=_CONV_MAXNREG, **plan,
     )
     return out, up, low, a
 

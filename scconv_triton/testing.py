@@ -40,7 +40,7 @@ class AotSpec:
     kernel: the @triton.jit object (or "module:qualname").
     signature: {arg name: Triton type}, e.g. {"x_ptr": "*fp32", "n": "i64", "BLOCK": "constexpr"}.
     constexprs: {name: value} for every "constexpr" entry of the signature.
-    num_warps, num_stages: launch options the launcher uses.
+    num_warps, num_stages, maxnreg: launch options the launcher uses (maxnreg None: unset).
     """
 
     kernel: object
@@ -49,10 +49,11 @@ class AotSpec:
     num_warps: int = 4
     num_stages: int = 3
     attrs: dict = field(default_factory=dict)  # {arg name: "D"} = divisible by 16 (tt.divisibility)
+    maxnreg: int | None = None
 
     def key(self) -> str:
         return json.dumps([self.target(), self.signature, {k: repr(v) for k, v in self.constexprs.items()},
-                           self.attrs, self.num_warps, self.num_stages], sort_keys=True)
+                           self.attrs, self.num_warps, self.num_stages, self.maxnreg], sort_keys=True)
 
     def variant(self) -> str:
         """Short text naming the variant: pointer dtypes and the non-block constexprs."""
@@ -126,8 +127,10 @@ for s in specs:
                 backend = make_backend(target)
                 attrs = {(names.index(n),): backend.parse_attr(a) for n, a in s["attrs"].items()}
             src = ASTSource(fn=obj, signature=s["signature"], constexprs=s["constexprs"], attrs=attrs)
-            k = triton.compile(src, target=target,
-                               options=dict(num_warps=s["num_warps"], num_stages=s["num_stages"]))
+            opts = dict(num_warps=s["num_warps"], num_stages=s["num_stages"])
+            if s["maxnreg"] is not None:
+                opts["maxnreg"] = s["maxnreg"]
+            k = triton.compile(src, target=target, options=opts)
             res.update(resources(k.asm["cubin"]))
             res["shared"] = max(res["shared"], int(k.metadata.shared))
         except Exception as e:  # report, the caller decides
@@ -151,6 +154,7 @@ def aot_compile(specs, archs=(80, 90), timeout: float = 600.0) -> list[AotResult
             constexprs=s.constexprs,
             num_warps=s.num_warps,
             num_stages=s.num_stages,
+            maxnreg=s.maxnreg,
             attrs=s.attrs,
             variant=s.variant(),
             archs=list(archs),
@@ -300,6 +304,7 @@ def spec_from_launch(call: Captured) -> AotSpec:
     kwargs.pop("grid", None)
     num_warps = int(kwargs.pop("num_warps", 4))
     num_stages = int(kwargs.pop("num_stages", 3))
+    maxnreg = kwargs.pop("maxnreg", None)
     bound = dict(zip([p.name for p in params], call.args))
     signature, constexprs, attrs = {}, {}, {}
     for p in params:
@@ -321,7 +326,7 @@ def spec_from_launch(call: Captured) -> AotSpec:
             constexprs[p.name] = cval
         elif attr:
             attrs[p.name] = attr
-    return AotSpec(fn_target(fn), signature, constexprs, num_warps, num_stages, attrs)
+    return AotSpec(fn_target(fn), signature, constexprs, num_warps, num_stages, attrs, maxnreg)
 
 
 def fn_target(fn) -> str:
