@@ -16,6 +16,12 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
 
+# pytest-xdist (the README's command runs one worker per core): one intra-op thread per worker,
+# so the workers do not oversubscribe the cores
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 from _helpers import DEVICE  # noqa: E402
 
 # fp32 comparisons at 1e-5 need true fp32 convolutions and matmuls: on Ampere and later
