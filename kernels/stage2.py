@@ -466,7 +466,7 @@ def _s2_conv_kernel(
                        wall, w1h, w2h, H, W, HO, WO, G, CIG, USQ, LSQ, P, PAD, OHT, OWT,
                        su_n, su_c, su_h, su_w, sl_n, sl_c, sl_h, sl_w, so_n, so_c, so_h, so_w,
                        HAS_P, FP64, TF32, K, STRIDE, True, GP, CIGP, TPD, NCH, BCO, RHP, RWP, BH, BW)
-    else:
+    else:  # one tile, no loop: in one, the weight blocks' pointers were hoisted and lived across it
         _conv_tile(up_ptr, low_ptr, wg_ptr, wp1_ptr, wp2_ptr, out_ptr, n64, rb0, wb, c, mc, lch, kg, a1, a2, a1b,
                    a1, a1, a1, H, W, HO, WO, G, CIG, USQ, LSQ, P, PAD, OHT, OWT,
                    su_n, su_c, su_h, su_w, sl_n, sl_c, sl_h, sl_w, so_n, so_c, so_h, so_w,
@@ -683,11 +683,10 @@ _OUT_TILE = 8192
 _UP_TILE = 4096
 _OPERAND = 8192  # half that from 4 groups up (spills at k = 5, 4 groups)
 _HELD = 10240
-# ... and all of them live at once, with PWC2's [BR, BL] weights (held; or loaded per tile, counted
-# 3x: their 64-bit pointers stay live across the tiles): each cap alone let tiles that sit at
-# several caps at once spill (k = 5 held, 8 B on sm_90; a stride-2 tile of 128 rows whose PWC2
-# block is 8192, 296 B), and IEEE fp32 dots (FMA, not MMA: their
-# operands are replicated across the threads of a row) spilled 300 B at the TF32 tile of 64@56.
+# ... and all of them live at once, with PWC2's [BR, BL] weights (held, or loaded for the one
+# tile): each cap alone let a tile that sits at several caps at once spill (k = 5 held, 8 B on
+# sm_90), and IEEE fp32 dots (FMA, not MMA: their operands are replicated across the threads of
+# a row) spilled 300 B at the TF32 tile of 64@56.
 _LIVE = 25600
 _LIVE_IEEE = 16384
 # Left to itself ptxas capped the conv program of a one-tile plan (k = 5, 4 groups) at 128
@@ -743,7 +742,7 @@ def conv_plan(n: int, h: int, w: int, k: int, st: int, g: int, cig: int, cog: in
     Register caps (8 warps; fp64 counts 2.5x), set from the AOT check's registers (tests/test_aot.py:
     no spills): output tile BR x BQ <= 8192 elements, up tile <= 4096, a K block's gathered
     operand <= 8192 (4096 from 4 groups up), held weights <= 10240, and all of them with PWC2's
-    weights (3x when streamed) <= 25600 (16384 for fp32 dots without TF32, ieee); the group's input channels in
+    weights <= 25600 (16384 for fp32 dots without TF32, ieee); the group's input channels in
     chunks of CIGP when its up tile would exceed the cap.
     Among the tiles within them, the one that loads the fewest elements: each output tile's up
     tile (the halo: k - st rows and columns shared with the neighbours), low once, and the
