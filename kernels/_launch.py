@@ -2,6 +2,7 @@
 
 Triton helpers (imported into the kernels, never copied):
   acc(v, FP64)                cast to the accumulation dtype (fp64 for fp64 tensors, else fp32)
+  div(a, b)                   a / b (fp64 without a division instruction)
   pix_off(p, W, s_h, s_w, FLAT)  element offset of a flat pixel index, for any strides
 
 Launch helpers (host side):
@@ -27,7 +28,7 @@ import triton
 import triton.language as tl
 
 __all__ = [
-    "acc", "pix_off", "launcher", "acc_dtype", "FLOATS", "NUM_WARPS", "cdiv", "np2", "split_float",
+    "acc", "div", "pix_off", "launcher", "acc_dtype", "FLOATS", "NUM_WARPS", "cdiv", "np2", "split_float",
     "target_programs", "channels_fastest", "memory_format", "strides4", "pixel_layout",
     "stream_tiles", "chw_tiles",
 ]
@@ -46,12 +47,28 @@ def acc(v, FP64: tl.constexpr):
 
 
 @triton.jit
-def pix_off(p, W, s_h, s_w, FLAT: tl.constexpr):
-    """Element offset of flat pixel index p = h * W + w (int64). FLAT: offset = p * s_w."""
-    if FLAT:
-        return p * s_w
+def div(a, b):
+    """a / b. In fp64 as a times 1 / b from fp32's reciprocal and two Newton steps (within 2 ulp
+    for |b| in fp32's range): an fp64 division is a subroutine call on the GPU, whose frame
+    ptxas put on the stack (the AOT check). Other dtypes: a / b."""
+    if b.dtype == tl.float64:
+        r = (1.0 / b.to(tl.float32)).to(tl.float64)
+        r = r * (2.0 - b * r)
+        return a * (r * (2.0 - b * r))
     else:
-        return (p // W) * s_h + (p % W) * s_w
+        return a / b
+
+
+@triton.jit
+def pix_off(p, W, s_h, s_w, FLAT: tl.constexpr):
+    """Element offset (int64) of flat pixel index p = h * W + w. FLAT: offset = p * s_w.
+    h and w are divided out in int32 (p < H W < 2**31, as the kernels' pixel blocks are): a
+    64-bit division is a subroutine call on the GPU, whose frame ptxas put on the stack."""
+    if FLAT:
+        return p.to(tl.int64) * s_w
+    else:
+        q = p.to(tl.int32)
+        return (q // W).to(tl.int64) * s_h + (q % W).to(tl.int64) * s_w
 
 
 # ----------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from ._launch import (
-    FLOATS, NUM_WARPS, acc, cdiv, acc_dtype, launcher, np2, pix_off, pixel_layout, split_float, stream_tiles,
+    FLOATS, NUM_WARPS, acc, cdiv, div, acc_dtype, launcher, np2, pix_off, pixel_layout, split_float, stream_tiles,
     target_programs,
 )
 
@@ -133,9 +133,9 @@ def _store_wnorm(wn_ptr, wn, SOFTMAX: tl.constexpr):
 def _wfac(gam, wn, SOFTMAX: tl.constexpr):
     """w of channels with gamma ``gam``, from (denom, shift) = wn."""
     if SOFTMAX:
-        return tl.exp(gam - wn[1]) / wn[0]
+        return div(tl.exp(gam - wn[1]), wn[0])
     else:
-        return gam / wn[0]
+        return div(gam, wn[0])
 
 
 @triton.jit
@@ -555,10 +555,8 @@ def _sru_bwd_reduce_kernel(
                 gam = acc(tl.load(w_ptr + c, mask=m, other=0.0), FP64)
                 if ON == 1:
                     coef = gam
-                elif SOFTMAX:
-                    coef = gam * _wfac(gam, wn, SOFTMAX)
                 else:
-                    coef = gam * gam / wsum
+                    coef = gam * _wfac(gam, wn, SOFTMAX)
                 for s in range(0, SPLIT):
                     row = (rows0 + s) * C
                     acc_a += acc(tl.load(q_ptr + row + c, mask=m, other=0.0), FP64) * coef
@@ -594,7 +592,7 @@ def _sru_bwd_reduce_kernel(
                 tl.store(xg_ptr + c, wg * sq + wg * dw, mask=mc)
                 tl.store(t_ptr + cb, tl.sum(tl.where(mc, dw * wg, 0.0), axis=0))
             else:
-                tl.store(xg_ptr + c, wg * sq + dw / wsum, mask=mc)
+                tl.store(xg_ptr + c, wg * sq + div(dw, wsum), mask=mc)
                 tl.store(t_ptr + cb, tl.sum(tl.where(mc, dw * gam, 0.0), axis=0))
 
 

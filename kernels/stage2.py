@@ -188,8 +188,9 @@ def _s2_squeeze_kernel(
     tl.store(low_ptr + lo + ol.to(tl.int64)[:, None] * sl_c, low, mask=ml_[:, None] & mp[None, :])
 
     # epilogue: the pooled means' partial sums, from the stored (rounded) values
-    hh = p64 // W
-    ww = p64 % W
+    p32 = p64.to(tl.int32)  # p < H W: a 32-bit division (pix_off)
+    hh = p32 // W
+    ww = p32 % W
     uq = acc(up, FP64)
     R = USQ * K * K + LSQ
     row = part_ptr + pid.to(tl.int64) * R
@@ -490,12 +491,13 @@ def _sq_out_grads(du_ptr, dl_ptr, did_ptr, n64, p64, mp, W, STRIDE, USQ, LSQ,
     ml = (ol < LSQ)[:, None]
     duo = pix_off(p64, W, sdu_h, sdu_w, FLAT)[None, :] + n64 * sdu_n
     du = tl.load(du_ptr + duo + ou.to(tl.int64)[:, None] * sdu_c, mask=(ou < USQ)[:, None] & mp[None, :], other=0.0)
-    hh = p64 // W
-    ww = p64 % W
+    p32 = p64.to(tl.int32)  # p < H W: a 32-bit division (pix_off)
+    hh = p32 // W
+    ww = p32 % W
     on_grid = mp & (hh % STRIDE == 0) & (ww % STRIDE == 0)
     dl = acc(tl.zeros([BL, p64.shape[0]], tl.float32), FP64)
     if HAS_ID:
-        dio = ((hh // STRIDE) * sdi_h + (ww // STRIDE) * sdi_w)[None, :] + n64 * sdi_n
+        dio = ((hh // STRIDE).to(tl.int64) * sdi_h + (ww // STRIDE).to(tl.int64) * sdi_w)[None, :] + n64 * sdi_n
         dl += acc(tl.load(did_ptr + dio + ol.to(tl.int64)[:, None] * sdi_c, mask=ml & on_grid[None, :], other=0.0),
                   FP64)
     if HAS_DL:
