@@ -18,16 +18,18 @@ D with the convolutions' operands, which one pass over (D, up, low) forms tile b
   db[c]     = sum_n A1[n, c] sum_o D[n, c] + Ho Wo k1[n, c]
 
 The products are per-sample weight-sized rows (one per program and sample, reduced in a fixed
-order); dA contracts them with the weights, the weight gradients weight them by A and add k T.
+order); dA contracts them with the weights (in the pass that forms them, while they are in
+registers), the weight gradients weight them by A and add k T.
 
   _s2_dw_kernel        per (set of output tiles, block of output channels of every group,
-                       sample): G, G1, G2, sum_o D (gpart), T and L (tpart). The
-                       GWC's tap blocks accumulate in two sets whose sizes are powers of two
-                       (k = 3: 4 + 1 blocks of two taps, not 8): fewer registers.
+                       chunk of each group's input channels, sample): G, G1, G2, sum_o D
+                       (gpart), T and L (tpart), its share of dA (dpart). The GWC's tap blocks
+                       accumulate in two sets whose sizes are powers of two (k = 3: 4 + 1
+                       blocks of two taps, not 8): fewer registers.
   _s2_dsoft_kernel     per sample: T, L and dA summed over the programs, the softmax backward -> k.
-  _s2_dw_reduce_kernel per (channel block, column block): the weight gradients, sum over samples
-                       of A x the products + k x the per-sample sum the weight multiplies (the k
-                       part of dY1, dY2 is constant over the image).
+  _s2_dw_reduce_kernel per (group, block of its channels, column block): the weight gradients,
+                       sum over samples of A x the products + k x the per-sample sum the
+                       weight multiplies (the k part of dY1, dY2 is constant over the image).
 
 The input gradients, with dY formed on the fly (A1 dout + k1: the A part scales the held weights,
 the k part is a per-tap constant added where the tap's source is an output):
@@ -51,7 +53,7 @@ import triton.language as tl
 
 from ._launch import acc, acc_dtype, cdiv, launcher, memory_format, np2
 from .cru import _softmax_bwd, _softmax_dot
-from .stage2 import _d, _mma, _pow2_floor, _span, _tap, _tap_block, _tile_lanes
+from .stage2 import _d, _mma, _pow2_floor, _pwc1_weights, _span, _tap, _tap_block, _tile_lanes, _y2_weights
 
 __all__ = ["dgrad_plan", "dgrad_plan_for", "dw_plan", "dw_plan_for", "stage2_dgrad", "stage2_dw"]
 
@@ -79,20 +81,39 @@ def _g_block(gacc, tacc, tile, d3, mq, i, i0, K: tl.constexpr, STRIDE: tl.conste
 
 
 @triton.jit
-def _g_store(grow, trow, gacc, tacc, i0, mc, lead, CIG, K: tl.constexpr, TPD: tl.constexpr):
-    """Stores the G of tap blocks i0 + [0, NS) into the gpart rows grow (columns ci K K + tap)
-    and, where ``lead`` (per group), their T into the tpart row trow (columns (g CIG + ci) K K +
-    tap). Lanes past CIG or K K are not stored."""
+def _g_cols(i0, c0, CIG, NS: tl.constexpr, BKG: tl.constexpr, K: tl.constexpr, TPD: tl.constexpr):
+    """[NS, BKG] columns ci K K + tap (of a gpart row and of a GWC weight row alike) of tap
+    blocks i0 + [0, NS) and input channels c0 + [0, CIGP) of a group, and their mask (lanes
+    past CIG or K K)."""
+    KK: tl.constexpr = K * K
+    CIGP: tl.constexpr = BKG // TPD
+    kk = tl.arange(0, BKG)
+    kc = c0 + kk % CIGP
+    kt = (i0 + tl.arange(0, NS))[:, None] * TPD + (kk // CIGP)[None, :]  # taps
+    return kc[None, :] * KK + kt, (kc[None, :] < CIG) & (kt < KK)
+
+
+@triton.jit
+def _g_dot(gacc, wg_ptr, c, mc, i0, c0, CIG, K: tl.constexpr, TPD: tl.constexpr):
+    """[BR] sum over tap blocks i0 + [0, NS) of the products gacc x the GWC weights they multiply."""
+    NS: tl.constexpr = gacc.shape[1]
+    BKG: tl.constexpr = gacc.shape[2]
+    col, mk = _g_cols(i0, c0, CIG, NS, BKG, K, TPD)
+    w = tl.load(wg_ptr + c.to(tl.int64)[:, None, None] * (CIG * K * K) + col[None, :, :],
+                mask=mc[:, None, None] & mk[None, :, :], other=0.0)
+    return tl.sum(tl.sum(gacc * w.to(gacc.dtype), axis=2), axis=1)
+
+
+@triton.jit
+def _g_store(grow, trow, gacc, tacc, i0, mc, lead, c0, CIG, K: tl.constexpr, TPD: tl.constexpr):
+    """Stores the G of tap blocks i0 + [0, NS) of input channels c0 + [0, CIGP) of each group
+    into the gpart rows grow (columns ci K K + tap) and, where ``lead`` (per group), their T into
+    the tpart row trow (columns (g CIG + ci) K K + tap). Lanes past CIG or K K are not stored."""
     KK: tl.constexpr = K * K
     GP: tl.constexpr = tacc.shape[0]
     NS: tl.constexpr = gacc.shape[1]
     BKG: tl.constexpr = gacc.shape[2]
-    CIGP: tl.constexpr = BKG // TPD
-    kk = tl.arange(0, BKG)
-    kc = kk % CIGP
-    kt = (i0 + tl.arange(0, NS))[:, None] * TPD + (kk // CIGP)[None, :]  # [NS, BKG] taps
-    mk = (kc[None, :] < CIG) & (kt < KK)
-    col = kc[None, :] * KK + kt
+    col, mk = _g_cols(i0, c0, CIG, NS, BKG, K, TPD)
     tl.store(grow[:, None, None] + col[None, :, :], gacc, mask=mc[:, None, None] & mk[None, :, :])
     gi = tl.arange(0, GP)
     tl.store(trow + gi[:, None, None] * (CIG * KK) + col[None, :, :], tacc, mask=lead[:, None, None] & mk[None, :, :])
@@ -100,14 +121,15 @@ def _g_store(grow, trow, gacc, tacc, i0, mc, lead, CIG, K: tl.constexpr, TPD: tl
 
 @triton.jit
 def _s2_dw_kernel(
-    do_ptr, up_ptr, low_ptr, gpart_ptr, tpart_ptr,
-    N, H, W, HO, WO, G, CIG, USQ, LSQ, COUT, COG, PAD, OHT, OWT, N_RB, N_T, TPP, N_SP, RWC, RT,
+    do_ptr, up_ptr, low_ptr, wg_ptr, bg_ptr, wp1_ptr, wp2_ptr, gpart_ptr, tpart_ptr, dpart_ptr,
+    N, H, W, HO, WO, G, CIG, USQ, LSQ, COUT, COG, P, PAD, OHT, OWT, N_RB, N_T, TPP, N_SP, N_CB, N_CI, RWC, RT,
     sd_n, sd_c, sd_h, sd_w,
     su_n, su_c, su_h, su_w,
     sl_n, sl_c, sl_h, sl_w,
-    TF32: tl.constexpr, FP64: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr, GP: tl.constexpr,
-    CIGP: tl.constexpr, TPD: tl.constexpr, NCH: tl.constexpr, NCHB: tl.constexpr, BCO: tl.constexpr, RHP: tl.constexpr,
-    RWP: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BL: tl.constexpr, CARRY: tl.constexpr,
+    HAS_P: tl.constexpr, TF32: tl.constexpr, FP64: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr,
+    GP: tl.constexpr, CIGP: tl.constexpr, TPD: tl.constexpr, NCH: tl.constexpr, NCHB: tl.constexpr,
+    BCO: tl.constexpr, RHP: tl.constexpr, RWP: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    BL: tl.constexpr, CARRY: tl.constexpr,
 ):
     """Per-sample products G, G1, G2 and sum_o D of output tiles [pid TPP, (pid + 1) TPP) (of N_T =
     N_RB N_WB per sample, column by column: tile t is row tile t % N_RB of column t // N_RB) of
@@ -115,13 +137,20 @@ def _s2_dw_kernel(
 
     do_ptr: dout (N, COUT, HO, WO); up / low: (N, USQ | LSQ, H, W). Mirrors _s2_conv_kernel: the
     rows r = g BCO + i are output channels cb BCO + [0, BCO) of every group, the up tile (halo
-    included) is loaded once per output tile, each tap's operand is gathered from it (CIGP >= CIG:
-    one chunk). Walking down a column, the up tile's rows that the previous tile also covered
-    (its halo) are taken from that tile in registers, not loaded again (CARRY; without it, a
-    tile is loaded whole: one up tile live instead of two). Writes
+    included) is loaded once per output tile, each tap's operand is gathered from it. The input
+    channels come in chunks: program axis 1 is cb + N_CB cj, and chunk cj takes input channels
+    cj CIGP + [0, CIGP) of every group and low channels cj BL + [0, BL) (one chunk where CIGP >=
+    CIG: the usual case; wide groups split, each chunk re-reading dout, so that its accumulators
+    fit the registers); sum_o D is chunk 0's. Walking down a column, the up tile's rows that the
+    previous tile also covered (its halo) are taken from that tile in registers, not loaded again
+    (CARRY; without it, a tile is loaded whole: one up tile live instead of two). Writes
       gpart[pid, n, c, :RWC]: [G (CIG K K, (ci, tap)), G1 (USQ), G2 (LSQ), sum_o D]
       tpart[pid, n, :RT]:     [T (USQ K K, (ci, tap)), L (LSQ)]   (channel block 0's programs)
-    Grid (N_SP * N, N_CB), N_SP = cdiv(N_T, TPP): the partials are per sample anyway, so the
+      dpart[pid N_CI + cj, n, :2 COUT]: the chunk's share of dA = the products x the weights
+                              they multiply (Y1: GWC, PWC1, bias; Y2: PWC2 or the identity's
+                              one-hot), formed here while the products are in registers, so
+                              that dA does not read the gpart rows back
+    Grid (N_SP * N, N_CB * N_CI), N_SP = cdiv(N_T, TPP): the partials are per sample anyway, so the
     samples are programs of their own (parallelism at no cost in traffic); on axis 0, whose
     limit is 2**31 - 1 (CUDA's axes 1 and 2 stop at 65535).
     """
@@ -131,7 +160,9 @@ def _s2_dw_kernel(
     BKG: tl.constexpr = TPD * CIGP
     NB: tl.constexpr = (KK + TPD - 1) // TPD
     pid = tl.program_id(0) % N_SP
-    cb = tl.program_id(1)
+    cb = tl.program_id(1) % N_CB
+    cj = tl.program_id(1) // N_CB
+    c0 = cj * CIGP  # the chunk's first input channel of each group
     t0 = pid * TPP
     t1 = tl.minimum(t0 + TPP, N_T)
     r = tl.arange(0, BR)
@@ -140,11 +171,12 @@ def _s2_dw_kernel(
     c = rg * COG + co
     c64 = c.to(tl.int64)
     mc = (rg < G) & (co < COG)
-    lch = tl.arange(0, BL)
+    lch = cj * BL + tl.arange(0, BL)
     kg = tl.arange(0, GP * CIGP)
-    kgc = (kg // CIGP) * CIG + kg % CIGP  # PWC1's column of lane kg: up channel (g, ci)
-    mkg = (kg // CIGP < G) & (kg % CIGP < CIG)
+    kgc = (kg // CIGP) * CIG + c0 + kg % CIGP  # PWC1's column of lane kg: up channel (g, ci)
+    mkg = (kg // CIGP < G) & (c0 + kg % CIGP < CIG)
     qh, qw, gi, ci, tr, tc = _tile_lanes(GP, CIGP, RHP, RWP, BH, BW)
+    ci = c0 + ci
     ch = (gi[:, None] * CIG + ci[None, :]).to(tl.int64)
     mch = (gi < G)[:, None] & (ci < CIG)[None, :]
     n64 = (tl.program_id(0) // N_SP).to(tl.int64)  # one sample per program: its rows of the partials
@@ -202,13 +234,25 @@ def _s2_dw_kernel(
     grow = gpart_ptr + ((pid.to(tl.int64) * N + n64) * COUT + c64) * RWC
     trow = tpart_ptr + (pid.to(tl.int64) * N + n64) * RT
     lead = (gi < G) & (gi * 0 + cb == 0)  # T and L by channel block 0's programs (cb may be a constant)
-    _g_store(grow, trow, gacc, tacc, 0, mc, lead, CIG, K, TPD)
-    if NB > NCH:
-        _g_store(grow, trow, gaccb, taccb, NCH, mc, lead, CIG, K, TPD)
-    tl.store(grow[:, None] + CIG * KK + kgc[None, :], g1acc, mask=mc[:, None] & mkg[None, :])
-    tl.store(grow[:, None] + (CIG * KK + USQ) + lch[None, :], g2acc, mask=mc[:, None] & (lch < LSQ)[None, :])
-    tl.store(grow + (RWC - 1), dacc, mask=mc)
+    # dA's share: dA1 = G . Wg + G1 . W1 + b sum_o D, dA2 = G2 . (PWC2 | one-hot); each product
+    # stored right after its dot, the largest (G) last, so that the accumulators die one by one
+    # and G's weight tile is live beside G alone
     tl.store(trow + USQ * KK + lch, lacc, mask=(lch < LSQ) & (lch * 0 + cb == 0))
+    da2 = tl.sum(g2acc * _y2_weights(wp2_ptr, c, mc, lch, dacc * 0 + 1.0, P, LSQ, HAS_P, FP64), axis=1)
+    tl.store(grow[:, None] + (CIG * KK + USQ) + lch[None, :], g2acc, mask=mc[:, None] & (lch < LSQ)[None, :])
+    da1 = tl.where(c * 0 + cj == 0, dacc * acc(tl.load(bg_ptr + c, mask=mc, other=0.0), FP64), 0.0)
+    tl.store(grow + (RWC - 1), dacc, mask=mc & (c * 0 + cj == 0))
+    w1 = _pwc1_weights(wp1_ptr, c, mc, kg, c0, G, CIG, USQ, CIGP)
+    da1 += tl.sum(g1acc * w1.to(g1acc.dtype), axis=1)
+    tl.store(grow[:, None] + CIG * KK + kgc[None, :], g1acc, mask=mc[:, None] & mkg[None, :])
+    if NB > NCH:
+        da1 += _g_dot(gaccb, wg_ptr, c, mc, NCH, c0, CIG, K, TPD)
+        _g_store(grow, trow, gaccb, taccb, NCH, mc, lead, c0, CIG, K, TPD)
+    da1 += _g_dot(gacc, wg_ptr, c, mc, 0, c0, CIG, K, TPD)
+    _g_store(grow, trow, gacc, tacc, 0, mc, lead, c0, CIG, K, TPD)
+    drow = dpart_ptr + ((pid.to(tl.int64) * N_CI + cj) * N + n64) * (2 * COUT)
+    tl.store(drow + c, da1, mask=mc)
+    tl.store(drow + COUT + c, da2, mask=mc)
 
 
 @triton.jit
@@ -222,35 +266,13 @@ def _gpart_cols(c, j, CIG, USQ, LSQ, K: tl.constexpr):
 
 
 @triton.jit
-def _col_weights(wg_ptr, bg_ptr, wp1_ptr, wp2_ptr, c, mc, j, CIG, USQ, LSQ, P, RWC, K: tl.constexpr,
-                 HAS_P: tl.constexpr, FP64: tl.constexpr):
-    """[BC, BJ] the weight each column j of a gpart row multiplies in Y1 or Y2 (dA = sum of
-    weight x product): GWC (c, ci, tap), PWC1, PWC2 (c < P) or the identity's one-hot
-    (c >= P), the bias (last column); and whether the column is Y2's."""
-    nw = CIG * K * K
-    c64 = c.to(tl.int64)[:, None]
-    jj, j2, j3, y2 = _gpart_cols(c, j, CIG, USQ, LSQ, K)
-    m = mc[:, None] & (jj < RWC)
-    w = acc(tl.load(wg_ptr + c64 * nw + jj, mask=m & (jj < nw), other=0.0), FP64)
-    w += acc(tl.load(wp1_ptr + c64 * USQ + j2, mask=m & (j2 >= 0) & (j2 < USQ), other=0.0), FP64)
-    if HAS_P:
-        w += acc(tl.load(wp2_ptr + c64 * LSQ + j3, mask=m & y2 & (c < P)[:, None], other=0.0), FP64)
-    w = tl.where(y2 & (c >= P)[:, None] & (j3 == c[:, None] - P), 1.0, w)
-    w += acc(tl.load(bg_ptr + c64 + jj * 0, mask=m & (jj == RWC - 1), other=0.0), FP64)
-    return w, y2
-
-
-@triton.jit
-def _s2_dsoft_kernel(gpart_ptr, tpart_ptr, a_ptr, wg_ptr, bg_ptr, wp1_ptr, wp2_ptr, ts_ptr, da_ptr, k_ptr,
-                     N, COUT, CIG, USQ, LSQ, P, RWC, RT, N_SP, HOWO,
-                     HAS_P: tl.constexpr, PAIRWISE: tl.constexpr, FP64: tl.constexpr, K: tl.constexpr,
-                     BC: tl.constexpr, BJ: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Per sample n (the program): ts[n] = T, L summed over the programs (fixed order); dA[n] =
-    sum over columns of weight x (the products summed over the programs); k[n] = (k1, k2) of the
-    softmax backward (_softmax_bwd). gpart (N_SP, N, COUT, RWC), tpart (N_SP, N, RT); a, da, k
+def _s2_dsoft_kernel(dpart_ptr, tpart_ptr, a_ptr, ts_ptr, da_ptr, k_ptr, N, COUT, RT, N_SP, N_DP, HOWO,
+                     PAIRWISE: tl.constexpr, BJ: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per sample n (the program): ts[n] = T, L summed over the N_SP programs and dA[n] = the
+    N_DP = N_SP N_CI programs' shares of it summed (fixed orders); k[n] = (k1, k2) of the
+    softmax backward (_softmax_bwd). dpart (N_DP, N, 2 COUT), tpart (N_SP, N, RT); a, da, k
     (N, 2 COUT); ts (N, RT). Grid (N,)."""
     n64 = tl.program_id(0).to(tl.int64)
-    sps = (tl.zeros([], tl.int64) + N) * COUT * RWC  # a program's gpart block, int64
     jt = tl.arange(0, BJ)
     for j0 in range(0, RT, BJ):
         mj = j0 + jt < RT
@@ -258,24 +280,12 @@ def _s2_dsoft_kernel(gpart_ptr, tpart_ptr, a_ptr, wg_ptr, bg_ptr, wp1_ptr, wp2_p
         for sp in range(1, N_SP):
             s += tl.load(tpart_ptr + (sp * N + n64) * RT + j0 + jt, mask=mj, other=0.0)
         tl.store(ts_ptr + n64 * RT + j0 + jt, s, mask=mj)
-    for c0 in range(0, COUT, BC):
-        c = c0 + tl.arange(0, BC)
-        mc = c < COUT
-        d1 = acc(tl.zeros([BC], tl.float32), FP64)
-        d2 = acc(tl.zeros([BC], tl.float32), FP64)
-        for j0 in range(0, RWC, BJ):
-            j = j0 + jt
-            m = mc[:, None] & (j < RWC)[None, :]
-            off = (n64 * COUT + c.to(tl.int64))[:, None] * RWC + j[None, :]
-            g = tl.load(gpart_ptr + off, mask=m, other=0.0)
-            for sp in range(1, N_SP):
-                g += tl.load(gpart_ptr + (sp * sps + off), mask=m, other=0.0)
-            w, y2 = _col_weights(wg_ptr, bg_ptr, wp1_ptr, wp2_ptr, c, mc, j, CIG, USQ, LSQ, P, RWC, K, HAS_P, FP64)
-            wgt = w * g
-            d1 += tl.sum(tl.where(y2, 0.0, wgt), axis=1)
-            d2 += tl.sum(tl.where(y2, wgt, 0.0), axis=1)
-        tl.store(da_ptr + n64 * (2 * COUT) + c, d1, mask=mc)
-        tl.store(da_ptr + n64 * (2 * COUT) + COUT + c, d2, mask=mc)
+    for j0 in range(0, 2 * COUT, BJ):
+        mj = j0 + jt < 2 * COUT
+        d = tl.load(dpart_ptr + n64 * (2 * COUT) + j0 + jt, mask=mj, other=0.0)
+        for sp in range(1, N_DP):
+            d += tl.load(dpart_ptr + (sp * N + n64) * (2 * COUT) + j0 + jt, mask=mj, other=0.0)
+        tl.store(da_ptr + n64 * (2 * COUT) + j0 + jt, d, mask=mj)
     tl.debug_barrier()  # the dA just stored (by other threads of this program) are read below
     row_a = a_ptr + n64 * (2 * COUT)
     row_g = da_ptr + n64 * (2 * COUT)
@@ -296,23 +306,28 @@ def _s2_dsoft_kernel(gpart_ptr, tpart_ptr, a_ptr, wg_ptr, bg_ptr, wp1_ptr, wp2_p
 def _s2_dw_reduce_kernel(gpart_ptr, ts_ptr, a_ptr, k_ptr, dwg_ptr, db_ptr, dw1_ptr, dw2_ptr,
                          N, COUT, COG, CIG, USQ, LSQ, P, RWC, RT, N_SP, HOWO,
                          K: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr):
-    """The weight gradients of channels c (block pid 0) and columns j (block pid 1) of the RWC
-    columns of a gpart row: sum over samples of A x (the products summed over the programs, in a
-    fixed order) + k x the per-sample sum the column's weight multiplies (T at its tap, T at the
-    centre, L; Ho Wo for the bias), written into dWg (COUT, CIG, K, K), dW1 (COUT, USQ), dW2
-    (P, LSQ), db (COUT). Grid (cdiv(COUT, BC), cdiv(RWC, BJ))."""
+    """The weight gradients of channels c (block pid 0: group g, its output channels cb BC +
+    [0, BC)) and columns j (block pid 1) of the RWC columns of a gpart row: sum over samples of
+    A x (the products summed over the programs, in a fixed order) + k x the per-sample sum the
+    column's weight multiplies (T at its tap, T at the centre, L; Ho Wo for the bias), written
+    into dWg (COUT, CIG, K, K), dW1 (COUT, USQ), dW2 (P, LSQ), db (COUT). A block's rows are of
+    one group, so that sum is a [BJ] vector, loaded once per sample. Grid (G N_RB, cdiv(RWC,
+    BJ)), N_RB = cdiv(COG, BC)."""
     KK: tl.constexpr = K * K
-    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    N_RB = (COG + BC - 1) // BC
+    g = tl.program_id(0) // N_RB
+    co = (tl.program_id(0) % N_RB) * BC + tl.arange(0, BC)
+    c = g * COG + co
     j = tl.program_id(1) * BJ + tl.arange(0, BJ)
-    mc = c < COUT
+    mc = co < COG
     c64 = c.to(tl.int64)
     sps = (tl.zeros([], tl.int64) + N) * COUT * RWC  # a program's gpart block, int64
     m = mc[:, None] & (j < RWC)[None, :]
     nw = CIG * KK
     jj, j2, j3, y2 = _gpart_cols(c, j, CIG, USQ, LSQ, K)  # Y2's columns: A2 and k2
-    g = (c // COG)[:, None]
-    tcol = tl.where(jj < nw, (g * CIG + jj // KK) * KK + jj % KK, tl.where(j2 < USQ, j2 * KK + KK // 2, USQ * KK + j3))
-    has_t = m & (jj < RWC - 1)
+    jv2 = j - nw
+    tcol = tl.where(j < nw, g * nw + j, tl.where(jv2 < USQ, jv2 * KK + KK // 2, USQ * KK + jv2 - USQ))  # [BJ]
+    has_t = j < RWC - 1
     s = tl.zeros([BC, BJ], tl.float32).to(dwg_ptr.dtype.element_ty)
     for n in range(0, N):
         n64 = n + tl.zeros([], tl.int64)  # n is a plain int in the interpreter
@@ -325,7 +340,7 @@ def _s2_dw_reduce_kernel(gpart_ptr, ts_ptr, a_ptr, k_ptr, dwg_ptr, db_ptr, dw1_p
         av = tl.where(y2, tl.load(ar + COUT + c, mask=mc, other=0.0)[:, None], tl.load(ar + c, mask=mc, other=0.0)[:, None])
         kv = tl.where(y2, tl.load(kr + COUT + c, mask=mc, other=0.0)[:, None], tl.load(kr + c, mask=mc, other=0.0)[:, None])
         tv = tl.load(ts_ptr + n64 * RT + tcol, mask=has_t, other=0.0)
-        s += av * gs + kv * tl.where(jj == RWC - 1, HOWO, tv)
+        s += av * gs + kv * tl.where(jj == RWC - 1, HOWO, tv[None, :])
     tl.store(dwg_ptr + c64[:, None] * nw + jj, s, mask=m & (jj < nw))
     tl.store(dw1_ptr + c64[:, None] * USQ + j2, s, mask=m & (j2 >= 0) & (j2 < USQ))
     tl.store(dw2_ptr + c64[:, None] * LSQ + j3, s, mask=m & y2 & (c < P)[:, None])
@@ -513,8 +528,7 @@ def _s2_dgrad_kernel(
 # (tests/test_aot.py) compiles without spills: what it holds across a sample's tiles (the
 # accumulators), what one tile keeps live, and dout's tile (rows x pixels; half that for fp32
 # dots without TF32, on CUDA cores). 2048 rows x pixels spill on sm_80 and sm_90; so do up
-# channels in chunks of 32 (held 13888 at 256 channels: those layers take stage 1's convolution
-# backward).
+# channels in chunks of 32 (held 13888 at 256 channels: those layers take chunks of 16).
 _DW_HELD = 12288
 _DW_TILE = 12288
 _DW_DOUT = 1024
@@ -533,24 +547,47 @@ _DW_MAX_SP = 32
 def dw_plan(h: int, w: int, k: int, st: int, g: int, cig: int, cog: int, usq: int, lsq: int,
             fp64: bool, esize: int, ieee: bool = False):
     """Tiles of _s2_dw_kernel: a dict of its constexprs and grid parameters (OHT, OWT, N_RB,
-    N_T, TPP, N_SP, N_CB) and num_warps; None if none fits (the stage-1 convolution backward
-    runs then). Among tiles within the caps, the one that loads the fewest up elements (the
-    column halo; the rows' comes from the tile above), ties to fewer lanes run. ``ieee``: fp32
-    dots without TF32 (on CUDA cores: more registers)."""
+    N_T, TPP, N_SP, N_CB, N_CI) and num_warps; None if none fits (the stage-1 convolution
+    backward runs then). All of a group's input channels in one chunk where a tile fits (dout
+    read once); else the fewest chunks of 32, 16 or 8 channels that fit (each chunk reads dout
+    again: N_CI times in all)."""
+    gp = np2(g)
+    full = max(np2(cig), cdiv(16, gp), 8)
+    for cigp in sorted({full} | {c for c in (32, 16, 8) if c < full and c * gp >= 16}, reverse=True):
+        plan = _dw_tiles(h, w, k, st, g, cig, cog, usq, lsq, ieee, cigp)
+        if plan is not None:
+            break
+    else:
+        return None
+    ho, wo = (h - 1) // st + 1, (w - 1) // st + 1
+    cout = g * cog
+    rwc = cig * k * k + usq + lsq + 1
+    part = 2 * 4 * (2 if fp64 else 1) * (cout * rwc + usq * k * k + lsq)  # a row's round trip, per sample
+    n_sp = max(1, min(plan["N_T"], _DW_MAX_SP, int(_DW_PARTIAL_SHARE * cout * ho * wo * esize / part)))
+    tpp = cdiv(plan["N_T"], n_sp)
+    plan.update(TPP=tpp, N_SP=cdiv(plan["N_T"], tpp), num_warps=8)
+    return plan
+
+
+def _dw_tiles(h: int, w: int, k: int, st: int, g: int, cig: int, cog: int, usq: int, lsq: int, ieee: bool,
+              cigp: int):
+    """dw_plan's tiles for chunks of ``cigp`` input channels per group (None: none fits). Among
+    tiles within the caps, the one that loads the fewest up elements (the column halo; the
+    rows' comes from the tile above), ties to fewer lanes run. ``ieee``: fp32 dots without TF32
+    (on CUDA cores: more registers)."""
     ho, wo = (h - 1) // st + 1, (w - 1) // st + 1
     kk = k * k
     gp = np2(g)
-    bl = _d(lsq)
-    cigp = max(np2(cig), cdiv(16, gp), 8)
     if cigp > 64:
         return None
+    n_ci = cdiv(cig, cigp)
+    bl = _d(cdiv(lsq, n_ci))  # each chunk takes a share of the low channels (G2, L)
     tpd = 2 if cigp < 16 else 1
     nb = cdiv(kk, tpd)
     nch = _pow2_floor(nb)
     nchb = np2(nb - nch) if nb > nch else 1
     bkg = tpd * cigp
     # fp64 runs in the interpreter only (stage2.supports): the fp32 caps serve it
-    rwc = cig * kk + usq + lsq + 1
     best = None
     for bco in (16, 32, 64):
         if bco > max(16, np2(cog)):
@@ -565,6 +602,8 @@ def dw_plan(h: int, w: int, k: int, st: int, g: int, cig: int, cog: int, usq: in
             # lanes no wider than the outputs the tile covers (_tap clamps the rest to its edge)
             if owt < 1 or oht < 1 or bw * bh < 16 or bw > _pow2_floor(rwp // st) or bh > _pow2_floor(rhp // st):
                 continue
+            if bh > 1 and bw < 16 and cigp >= 16:  # 2 x 8 lanes of 16-channel chunks: 48-64 B on sm_90's
+                continue                           # stack (512 channels at 7 x 7, the AOT check)
             bq = bh * bw
             n_rb, n_wb = cdiv(ho, oht), cdiv(wo, owt)
             # CARRY (one row tile: nothing to carry) keeps two up tiles live across the row step
@@ -588,16 +627,9 @@ def dw_plan(h: int, w: int, k: int, st: int, g: int, cig: int, cog: int, usq: in
             key = (loads, n_rb * n_wb * bq, -bco)
             if best is None or key < best[0]:
                 best = (key, dict(GP=gp, CIGP=cigp, TPD=tpd, NCH=nch, NCHB=nchb, BCO=bco, RHP=rhp, RWP=rwp, BH=bh, BW=bw,
-                                  BL=bl, CARRY=carry, OHT=oht, OWT=owt, N_RB=n_rb, N_T=n_rb * n_wb, N_CB=n_cb))
-    if best is None:
-        return None
-    plan = best[1]
-    cout = g * cog
-    part = 2 * 4 * (2 if fp64 else 1) * (cout * rwc + usq * kk + lsq)  # a row's round trip, per sample
-    n_sp = max(1, min(plan["N_T"], _DW_MAX_SP, int(_DW_PARTIAL_SHARE * cout * ho * wo * esize / part)))
-    tpp = cdiv(plan["N_T"], n_sp)
-    plan.update(TPP=tpp, N_SP=cdiv(plan["N_T"], tpp), num_warps=8)
-    return plan
+                                  BL=bl, CARRY=carry, OHT=oht, OWT=owt, N_RB=n_rb, N_T=n_rb * n_wb, N_CB=n_cb,
+                                  N_CI=n_ci))
+    return None if best is None else best[1]
 
 
 def dw_plan_for(up, w_gwc, w_pwc2, stride: int, groups: int, tf32: bool):
@@ -626,8 +658,8 @@ def stage2_dw(dout, up, low, a, w_gwc, b_gwc, w_pwc1, w_pwc2, stride: int, group
     if plan is None:
         return None
     plan = dict(plan)
-    oht, owt, n_rb, n_t, tpp, n_sp, n_cb = (plan.pop(key) for key in
-                                            ("OHT", "OWT", "N_RB", "N_T", "TPP", "N_SP", "N_CB"))
+    oht, owt, n_rb, n_t, tpp, n_sp, n_cb, n_ci = (plan.pop(key) for key in
+                                                  ("OHT", "OWT", "N_RB", "N_T", "TPP", "N_SP", "N_CB", "N_CI"))
     adt = acc_dtype(up.dtype)
     kk = k * k
     rwc = cig * kk + usq + lsq + 1
@@ -635,28 +667,28 @@ def stage2_dw(dout, up, low, a, w_gwc, b_gwc, w_pwc1, w_pwc2, stride: int, group
     kw = dict(device=up.device, dtype=adt)
     gpart = torch.empty((n_sp, N, cout, rwc), **kw)
     tpart = torch.empty((n_sp, N, rt), **kw)
-    _s2_dw_kernel[(n_sp * N, n_cb)](
-        dout, up, low, gpart, tpart,
-        N, H, W, ho, wo, groups, cig, usq, lsq, cout, cog, k // 2, oht, owt, n_rb, n_t, tpp, n_sp, rwc, rt,
-        *dout.stride(), *up.stride(), *low.stride(),
-        TF32=bool(tf32), FP64=fp64, K=k, STRIDE=stride, **plan,
-    )
+    dpart = torch.empty((n_sp * n_ci, N, 2 * cout), **kw)
     wg, wp1 = w_gwc.contiguous(), w_pwc1.contiguous()
     wp2 = w_pwc2.contiguous() if p else wg  # a valid pointer; HAS_P = False never reads it
+    _s2_dw_kernel[(n_sp * N, n_cb * n_ci)](
+        dout, up, low, wg, b_gwc, wp1, wp2, gpart, tpart, dpart,
+        N, H, W, ho, wo, groups, cig, usq, lsq, cout, cog, p, k // 2, oht, owt, n_rb, n_t, tpp, n_sp, n_cb, n_ci,
+        rwc, rt, *dout.stride(), *up.stride(), *low.stride(),
+        HAS_P=p > 0, TF32=bool(tf32), FP64=fp64, K=k, STRIDE=stride, **plan,
+    )
     ts = torch.empty((N, rt), **kw)
     kv = torch.empty((N, 2 * cout), **kw)
     da = torch.empty((N, 2 * cout), **kw)
     _s2_dsoft_kernel[(N,)](
-        gpart, tpart, a, wg, b_gwc, wp1, wp2, ts, da, kv, N, cout, cig, usq, lsq, p, rwc, rt, n_sp, ho * wo,
-        HAS_P=p > 0, PAIRWISE=bool(pairwise), FP64=fp64, K=k, BC=16, BJ=64, BLOCK_M=min(np2(2 * cout), 1024),
-        num_warps=8,
+        dpart, tpart, a, ts, da, kv, N, cout, rt, n_sp, n_sp * n_ci, ho * wo,
+        PAIRWISE=bool(pairwise), BJ=64, BLOCK_M=min(np2(2 * cout), 1024), num_warps=8,
     )
     dwg = torch.empty((cout, cig, k, k), **kw)
     db = torch.empty((cout,), **kw)
     dw1 = torch.empty((cout, usq), **kw)
     dw2 = torch.empty((max(p, 1), lsq), **kw)
     bc, bj = 16, 64
-    _s2_dw_reduce_kernel[(cdiv(cout, bc), cdiv(rwc, bj))](
+    _s2_dw_reduce_kernel[(groups * cdiv(cog, bc), cdiv(rwc, bj))](
         gpart, ts, a, kv, dwg, db, dw1, dw2, N, cout, cog, cig, usq, lsq, p, rwc, rt, n_sp, ho * wo,
         K=k, BC=bc, BJ=bj, num_warps=8,  # 4: an 8-byte stack frame on sm_90 (AOT)
     )

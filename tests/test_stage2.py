@@ -15,6 +15,7 @@ import scconv_triton
 from scconv_triton import reference as ref
 from scconv_triton.kernels import stage2 as ks2
 from scconv_triton.kernels import stage2_bwd as kb
+from scconv_triton.ops import stage2 as ops_s2
 from scconv_triton.testing import capture_launches
 from _helpers import TOL, cpu_only, draw_away_from_gate, rel
 from test_scconv import _pair as _pair_cfg
@@ -74,6 +75,20 @@ def _ieee():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
+@contextlib.contextmanager
+def _caps(monkeypatch, mod, plan_fn, **caps):
+    """Module constants (register caps) set to ``caps`` while the block runs, the plan cache of
+    ``plan_fn`` cleared on both sides (a cached plan would ignore them)."""
+    for name, v in caps.items():
+        monkeypatch.setattr(mod, name, v)
+    plan_fn.cache_clear()
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        plan_fn.cache_clear()
+
+
 def _dw_runs(fused, x):
     sh = fused.CRU.shape
     g = sh.group_size
@@ -98,6 +113,10 @@ def _check(fused, base, x, tol, dw=True):
     dg = dw and kb.dgrad_plan(x.shape[2], x.shape[3], sh.kernel_size, sh.stride, sh.up_sq, sh.low_sq,
                               sh.out_channels, x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32)
     assert all((k in names) == bool(dg) for k in STAGE2_DG) and ("_cru_combine_bwd_kernel" in names) != bool(dg), names
+    if dw and not dg:  # cuDNN's input gradients: through the module's grouped weights, or the merged one
+        grouped = ops_s2.grouped_dgrad_pays(yf, torch.empty(x.shape[0], sh.up_sq, *x.shape[2:], device="meta"),
+                                            fused.CRU.GWC.weight)
+        assert ("_cru_weights_kernel" in names) != grouped, names
     yr, dxr, gr = _run(base, x, g)
     assert yf.shape == yr.shape and yf.dtype == yr.dtype
     assert yf.is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(memory_format=torch.channels_last)
@@ -126,10 +145,7 @@ def test_fp64_every_conv_tiling_matches_reference(caps, device, monkeypatch):
     # the register caps pick the conv's tiling; tighter caps force the other code paths at a
     # small shape: input channels in chunks (CIGP < CIG), weights loaded per tile (HOLD off),
     # many row / column tiles with their halos
-    for k_, v in caps.items():
-        monkeypatch.setattr(ks2, k_, v)
-    ks2.conv_plan.cache_clear()
-    try:
+    with _caps(monkeypatch, ks2, ks2.conv_plan, **caps):
         kw = dict(op_channel=128, group_size=2, stride=2, out_channels=40)
         fused, base = _pair(kw, device)
         x = _input(kw, (2, 11, 13), False, device, torch.float64)
@@ -140,9 +156,6 @@ def test_fp64_every_conv_tiling_matches_reference(caps, device, monkeypatch):
         if "_HELD" in caps:
             assert not plan["HOLD"], plan
         _check(fused, base, x, TOL[torch.float64])
-    finally:
-        monkeypatch.undo()
-        ks2.conv_plan.cache_clear()
 
 
 @pytest.mark.parametrize("name", ["alpha0.75-g4-k7-s3-cl", "hard-gbn-pairwise"])
@@ -184,46 +197,51 @@ def test_fp64_dw_pass_in_many_programs(device, monkeypatch):
     # the dw pass's partials: several programs over the output tiles (N_SP > 1, their per-sample
     # products reduced in a fixed order) and several channel blocks (N_CB > 1: T and L written by
     # block 0 only), forced by a large partial share and a small register cap at a small shape
-    monkeypatch.setattr(kb, "_DW_PARTIAL_SHARE", 1e3)
-    monkeypatch.setattr(kb, "_DW_HELD", 10000)
-    monkeypatch.setattr(kb, "_DW_TILE", 6144)
-    kb.dw_plan.cache_clear()
-    try:
+    with _caps(monkeypatch, kb, kb.dw_plan, _DW_PARTIAL_SHARE=1e3, _DW_HELD=10000):
         kw = dict(op_channel=32, out_channels=72, group_size=2, stride=2, group_kernel_size=5)
         fused, base = _pair(kw, device)
         sh = fused.CRU.shape
         plan = kb.dw_plan(13, 11, 5, 2, 2, sh.up_sq // 2, 36, sh.up_sq, sh.low_sq, True, 8)
         assert plan["N_SP"] > 1 and plan["N_CB"] > 1, plan
         _check(fused, base, _input(kw, (2, 13, 11), True, device, torch.float64), TOL[torch.float64])
-    finally:
-        monkeypatch.undo()
-        kb.dw_plan.cache_clear()
+
+
+def test_fp64_dw_pass_in_channel_chunks(device, monkeypatch):
+    # wide groups: the dw pass splits each group's input channels (and the low channels) into
+    # chunks, one program each (N_CI > 1), as R50's layer3 and layer4 do; forced here by a small
+    # register cap. 12 channels per group in chunks of 8 and 12 low channels per chunk of 16:
+    # the last chunk is part masked.
+    with _caps(monkeypatch, kb, kb.dw_plan, _DW_HELD=5000):
+        kw = dict(op_channel=48, squeeze_radio=1, group_size=2, out_channels=40)
+        fused, base = _pair(kw, device)
+        sh = fused.CRU.shape
+        assert sh.up_sq == 24 and sh.low_sq == 24
+        plan = kb.dw_plan(9, 7, 3, 1, 2, 12, 20, 24, 24, True, 8)
+        assert plan["N_CI"] == 2 and plan["CIGP"] == 8, plan
+        for cl in (False, True):
+            _check(fused, base, _input(kw, (2, 9, 7), cl, device, torch.float64), TOL[torch.float64])
 
 
 def test_fp64_squeeze_backward_in_many_tiles(device, monkeypatch):
     # a small register cap: many pixel tiles per sample (the per-tile weight-gradient and P / Q
     # rows reduced by _s2_sq_wsum_kernel, the P / Q rows by the SRU's reduce) and channel pairs in
     # two blocks of 16 (HALF = 32)
-    monkeypatch.setattr(ks2, "_SQ_PER_THREAD", 8)
-    monkeypatch.setattr(ks2, "_SQB_PER_THREAD", 8)
-    ks2._squeeze_tiles.cache_clear()
-    try:
+    with _caps(monkeypatch, ks2, ks2._squeeze_tiles, _SQ_PER_THREAD=8, _SQB_PER_THREAD=8):
         kw = dict(op_channel=64, alpha=0.75, stride=2, out_channels=24)
         fused, base = _pair(kw, device)
         sh = fused.CRU.shape
         bp = ks2._bwd_tiles(sh.up_sq, sh.low_sq, 9 * 11, 8)[3]
         assert ks2.cdiv(9 * 11, bp) >= 6, bp
         _check(fused, base, _input(kw, (2, 9, 11), True, device, torch.float64), TOL[torch.float64])
-    finally:
-        monkeypatch.undo()
-        ks2._squeeze_tiles.cache_clear()
 
 
-@pytest.mark.parametrize("name", ["hard-gbn-pairwise", "pwc2-zero-s2-cl"])
+@pytest.mark.parametrize("name", ["hard-gbn-pairwise", "pwc2-zero-s2-cl", "alpha0.25-s2-k5"])
 def test_fp64_stage1_squeeze_backward_where_it_moves_less(name, device, monkeypatch):
     # where the fused squeeze backward's per-tile weight gradients would outweigh s and ds
     # (ks2.squeeze_backward_pays False: small images, many channels), stage 2's backward takes
-    # stage 1's squeeze + SRU backward; forced here on small configs
+    # stage 1's squeeze + SRU backward; forced here on small configs. alpha0.25-s2-k5: the input
+    # gradients through the grouped weights (ops.stage2.grouped_dgrad_pays) and the
+    # block-diagonal squeeze weight (u != l) without the merged one
     kw, shape, cl = CONFIGS[name]
     monkeypatch.setattr(ks2, "squeeze_backward_pays", lambda *a: False)
     fused, base = _pair(kw, device)
@@ -235,6 +253,9 @@ def test_fp64_stage1_squeeze_backward_where_it_moves_less(name, device, monkeypa
     assert names[:5] == STAGE2 and "_sru_bwd_dx_kernel" in names and "_s2_sq_bwd_kernel" not in names, names
     # stage 1's squeeze backward takes d_low and the identity's gradient apart: cuDNN's input gradients
     assert "_s2_dw_kernel" in names and "_s2_dgrad_kernel" not in names and "_cru_combine_bwd_kernel" in names
+    grouped = ops_s2.grouped_dgrad_pays(yf, torch.empty(x.shape[0], fused.CRU.shape.up_sq, *x.shape[2:]),
+                                        fused.CRU.GWC.weight)
+    assert grouped == (name == "alpha0.25-s2-k5") and ("_cru_weights_kernel" in names) != grouped, names
     yr, dxr, gr = _run(base, x, g)
     errs = {"out": rel(yf, yr), "dx": rel(dxf, dxr)}
     errs.update({k: rel(gf[k], gr[k]) for k in gr if gr[k] is not None})
@@ -258,6 +279,17 @@ def test_fp64_without_input_gradient(device):
     base(x.contiguous()).backward(g)
     for (name, p), q in zip(fused.named_parameters(), base.parameters()):
         assert rel(p.grad, q.grad) <= TOL[torch.float64], name
+
+
+def test_grouped_dgrad_pays_by_traffic():
+    # the merged dense Y1 weight is written and read again; the grouped path reads dY1 twice and
+    # adds two gradients: R50's layer2 (activations dominate) keeps the merged weight, layer3 and
+    # layer4 (weights dominate at 14 x 14 and 7 x 7) take the grouped weights, at batch 1 and 2
+    def pays(n, c, h):
+        t = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
+        return ops_s2.grouped_dgrad_pays(t(n, c, h, h), t(n, c // 4, h, h), t(c, c // 8, 3, 3))
+    for n in (1, 2):
+        assert not pays(n, 64, 56) and not pays(n, 128, 28) and pays(n, 256, 14) and pays(n, 512, 7)
 
 
 def test_squeeze_backward_pays_by_traffic():

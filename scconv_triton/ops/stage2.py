@@ -8,7 +8,9 @@ Backward: dA and the convolution weights' gradients by kernels/stage2_bwd.py
 rebuilt) where it has a tile (``dw_plan``; else stage 1's ``cru_conv_backward``, which rebuilds
 them by cuDNN); the convolutions' input gradients by ``scconv_triton::stage2_dgrad`` (dY formed on
 the fly, the identity branch's gradient folded into d_low) where it has a tile and the fused
-squeeze backward runs, else stage 1's combine backward and cuDNN (``cru_convs_backward``); the
+squeeze backward runs, else stage 1's combine backward and cuDNN: with the module's grouped GWC
+and PWC1 weights where the merged dense Y1 weight would move more (``grouped_dgrad_pays``: small
+images with wide groups), else with the merged one (``cru_convs_backward``); the
 squeezes' and the SRU's is stage 2's (``scconv_triton::stage2_sq_bwd``: s and ds rebuilt in
 registers, never stored) where that moves fewer bytes (``squeeze_backward_pays``: not at small
 images with many channels, whose per-tile weight gradients outweigh s and ds), else stage 1's.
@@ -25,7 +27,7 @@ from ..kernels import stage2_bwd as _kb
 from .._config import SRUMath
 from ..kernels._launch import acc_dtype, channels_fastest, memory_format
 from ._dispatch import eager_direct
-from .cru import cru_conv_backward, cru_convs_backward, cru_squeeze_backward, cru_weights
+from .cru import cru_combine_bwd, cru_conv_backward, cru_convs_backward, cru_squeeze_backward, cru_weights
 from .sru import gate_mode, sru_apply_op, sru_backward_op
 
 __all__ = ["Stage2Function", "scconv_stage2", "supports"]
@@ -187,9 +189,49 @@ def _conv_backward(dout, up, low, a, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2,
     if fuse_dgrad and _kb.dgrad_plan_for(dout, w_gwc, w_pwc1, w_pwc2, h, w, shape.stride, tf32) is not None:
         d_up, d_low = _dgrad_call(dout, a, kv, w_gwc, w_pwc1, w_pwc2, h, w, int(shape.stride), cl, bool(tf32))
         return d_up, d_low, None, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, None
+    if grouped_dgrad_pays(dout, up, w_gwc):
+        d_up, d_low, d_id = _grouped_dgrad(dout, a, da, up, low, w_gwc, w_pwc1, w_pwc2, shape, softmax, cl)
+        return d_up, d_low, d_id, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, None if fuse_dgrad else _squeeze_weight(w_sq1, w_sq2)
     wm, wsq = cru_weights(w_gwc, w_pwc1, w_sq1, w_sq2, shape.group_size, cl)
     d_up, d_low, d_id, _, _, _ = cru_convs_backward(dout, a, da, up, low, wm, w_pwc2, shape, softmax, cl, False)
     return d_up, d_low, d_id, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, wsq
+
+
+def grouped_dgrad_pays(dout, up, w_gwc) -> bool:
+    """Whether the input gradients through the grouped GWC and PWC1 weights (_grouped_dgrad) move
+    fewer bytes than through the merged dense Y1 weight (``cru_weights``, one cuDNN call): the
+    merged weight is written and read again (2 x its size), the grouped path reads dY1 twice and
+    adds the two gradients (dY1 + 3 x d_up). Weight-sized traffic wins at small images with
+    wide groups (R50's layer3 and layer4); the merged weight where the activations dominate."""
+    cout, _, k, _ = w_gwc.shape
+    merged = cout * up.shape[1] * k * k
+    return 2 * merged > dout.numel() + 3 * up.numel()
+
+
+def _squeeze_weight(w_sq1, w_sq2):
+    """The squeezes' weight as ``cru_weights`` gives it to stage 1's squeeze backward, without
+    the merged Y1 weight: (up_sq + low_sq, u, 1, 1) when u == l (groups 2), else block-diagonal."""
+    if w_sq1.shape[1] == w_sq2.shape[1]:
+        return torch.cat([w_sq1, w_sq2])
+    return torch.block_diag(w_sq1.flatten(1), w_sq2.flatten(1))[:, :, None, None]
+
+
+def _grouped_dgrad(dout, a, da, up, low, w_gwc, w_pwc1, w_pwc2, shape, softmax, cl):
+    """(d_up, d_low, d_id) from dout, A and dA by cuDNN with the module's own weights: d_up = the
+    grouped GWC's input gradient + PWC1's (a 1 x 1 convolution of this stride), d_low = PWC2's;
+    no merged weight is formed."""
+    st, k = shape.stride, shape.kernel_size
+    dy1, dp2, did = cru_combine_bwd(dout, a, da, shape.pwc2_out, softmax == "pairwise", up.dtype, cl)
+    conv_bwd = torch.ops.aten.convolution_backward.default
+    mask = [True, False, False]
+    d_up = conv_bwd(dy1, up, w_gwc, None, [st, st], [k // 2, k // 2], [1, 1], False, [0, 0], shape.group_size,
+                    mask)[0]
+    d_up = d_up.add_(conv_bwd(dy1, up, w_pwc1, None, [st, st], [0, 0], [1, 1], False, [0, 0], 1, mask)[0])
+    if shape.pwc2_out > 0:
+        d_low = conv_bwd(dp2, low, w_pwc2, None, [st, st], [0, 0], [1, 1], False, [0, 0], 1, mask)[0]
+    else:
+        d_low = low.new_empty((0,))
+    return d_up, d_low, did
 
 
 class Stage2Function(torch.autograd.Function):
@@ -206,8 +248,9 @@ class Stage2Function(torch.autograd.Function):
     Recomputes in backward: with ``recompute`` up and low (the squeeze kernel again, from x and
     the statistics); s, xhat and the gate from x in the squeeze backward's registers (twice: its
     two passes); dY1 and dY2 in the input-gradient pass's registers. Where the Triton passes
-    have no tile: the merged convolution weight and dY1 / dY2 (cuDNN's input gradients), Y1 and
-    PWC2's output (two cuDNN convolutions, ``cru_conv_backward``).
+    have no tile: dY1 / dY2 and, unless ``grouped_dgrad_pays``, the merged convolution weight
+    (cuDNN's input gradients); without a dw tile also Y1 and PWC2's output (two cuDNN
+    convolutions, ``cru_conv_backward``).
     """
 
     @staticmethod
