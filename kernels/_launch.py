@@ -61,14 +61,13 @@ def div(a, b):
 
 @triton.jit
 def pix_off(p, W, s_h, s_w, FLAT: tl.constexpr):
-    """Element offset (int64) of flat pixel index p = h * W + w. FLAT: offset = p * s_w.
-    h and w are divided out in int32 (p < H W < 2**31, as the kernels' pixel blocks are): a
-    64-bit division is a subroutine call on the GPU, whose frame ptxas put on the stack."""
+    """Element offset (int64) of flat pixel index p = h * W + w (int32: p < H W < 2**31). FLAT:
+    offset = p * s_w. h and w are divided out in int32: a 64-bit division is a subroutine call
+    on the GPU, whose frame ptxas put on the stack."""
     if FLAT:
         return p.to(tl.int64) * s_w
     else:
-        q = p.to(tl.int32)
-        return (q // W).to(tl.int64) * s_h + (q % W).to(tl.int64) * s_w
+        return (p // W).to(tl.int64) * s_h + (p % W).to(tl.int64) * s_w
 
 
 # ----------------------------------------------------------------------------------------

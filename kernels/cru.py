@@ -45,7 +45,7 @@ __all__ = [
 def _hw_offsets(start, HW, Wo, s_h, s_w, BLOCK_HW: tl.constexpr):
     """Flat spatial indices [start, start + BLOCK_HW) -> (int64 offsets, mask)."""
     hw = start + tl.arange(0, BLOCK_HW)
-    return pix_off(hw.to(tl.int64), Wo, s_h, s_w, False), hw < HW
+    return pix_off(hw, Wo, s_h, s_w, False), hw < HW
 
 
 @triton.jit

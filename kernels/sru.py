@@ -72,7 +72,7 @@ def _pair_tile(pid, HALF, HW, N_CB, N_PB, BC: tl.constexpr, BP: tl.constexpr):
 
     pid enumerates (n, channel block, pixel block), pixel blocks fastest. Returns
     n, n as int64, c, c + HALF, the channel mask, the 2-D (channel, pixel) mask and
-    the int64 pixel indices.
+    the pixel indices (int32, < H W: pix_off forms the int64 offsets).
     """
     pb = pid % N_PB
     rest = pid // N_PB
@@ -82,7 +82,7 @@ def _pair_tile(pid, HALF, HW, N_CB, N_PB, BC: tl.constexpr, BP: tl.constexpr):
     p = pb * BP + tl.arange(0, BP)
     mc = c < HALF
     m = mc[:, None] & (p < HW)[None, :]
-    return n, n.to(tl.int64), c, c + HALF, mc, m, p.to(tl.int64)
+    return n, n.to(tl.int64), c, c + HALF, mc, m, p
 
 
 @triton.jit
@@ -349,7 +349,7 @@ def _sru_stats_partial_kernel(
         j = jb * BJ + tl.arange(0, BJ)
         p = pb * BP + tl.arange(0, BP)
         m = (j < CG)[:, None] & (p < HW)[None, :]
-        offs = base + j.to(tl.int64)[:, None] * sx_c + pix_off(p.to(tl.int64), W, sx_h, sx_w, FLAT)[None, :]
+        offs = base + j.to(tl.int64)[:, None] * sx_c + pix_off(p, W, sx_h, sx_w, FLAT)[None, :]
         v = tl.where(m, acc(tl.load(x_ptr + offs, mask=m, other=0.0), FP64) - shift, 0.0)
         nb = acc(tl.minimum(CG - jb * BJ, BJ) * tl.minimum(HW - pb * BP, BP), FP64)
         mb = tl.sum(tl.sum(v, axis=1), axis=0) / nb
@@ -440,14 +440,14 @@ def _sru_apply_kernel(
     tau = tau_hi + tau_lo. N_CB = cdiv(HALF, BC), N_PB = cdiv(HW, BP); grid (N * N_CB * N_PB,).
     Reads x once (both halves of each pair in one program), writes s once.
     """
-    n, n64, c, cp, mc, m, p64 = _pair_tile(tl.program_id(0), HALF, HW, N_CB, N_PB, BC, BP)
+    n, n64, c, cp, mc, m, pix = _pair_tile(tl.program_id(0), HALF, HW, N_CB, N_PB, BC, BP)
     wn = _get_wnorm(w_ptr, wsum_ptr, C, HAS_WSUM, SOFTMAX, FP64, BLOCK_W)
     tau = acc(tau_hi, FP64) + acc(tau_lo, FP64)
 
-    xo = pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
+    xo = pix_off(pix, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
     oa, ob = _pair_s(x_ptr, xo, sx_c, n, c, cp, mc, m, mean_ptr, rstd_ptr, w_ptr, b_ptr, G, CG, wn, tau,
                      MASK, ON, SOFTMAX, FP64)
-    oo = pix_off(p64, W, so_h, so_w, FLAT)[None, :] + n64 * so_n
+    oo = pix_off(pix, W, so_h, so_w, FLAT)[None, :] + n64 * so_n
     odt = out_ptr.dtype.element_ty
     tl.store(out_ptr + oo + c.to(tl.int64)[:, None] * so_c, oa.to(odt), mask=m)
     tl.store(out_ptr + oo + cp.to(tl.int64)[:, None] * so_c, ob.to(odt), mask=m)
@@ -497,9 +497,8 @@ def _sru_bwd_partial_kernel(
     for pb in range(pb0, pb1):
         p = pb * BP + tl.arange(0, BP)
         m = mc[:, None] & (p < HW)[None, :]
-        p64 = p.to(tl.int64)
-        xo = pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
-        do = pix_off(p64, W, sd_h, sd_w, FLAT)[None, :] + n64 * sd_n
+        xo = pix_off(p, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
+        do = pix_off(p, W, sd_h, sd_w, FLAT)[None, :] + n64 * sd_n
         xa, xb = _pair_x(x_ptr, xo, sx_c, c, cp, m, FP64)
         dsa, dsb = _pair_x(ds_ptr, do, sd_c, c, cp, m, FP64)
         xha, ra = _reweight(xa, mua, rsa, gama, beta_, wga)
@@ -643,19 +642,19 @@ def _sru_bwd_dx_kernel(
     Binary masks on x (MASK > 0, ON x): dx = M1 ds_c + M2 ds_partner only (no gradient
     through the masks). Grid (N * N_CB * N_PB,).
     """
-    n, n64, c, cp, mc, m, p64 = _pair_tile(tl.program_id(0), HALF, HW, N_CB, N_PB, BC, BP)
+    n, n64, c, cp, mc, m, pix = _pair_tile(tl.program_id(0), HALF, HW, N_CB, N_PB, BC, BP)
     c64 = c.to(tl.int64)[:, None]
     cp64 = cp.to(tl.int64)[:, None]
     wn = _get_wnorm(w_ptr, wsum_ptr, C, HAS_WSUM, SOFTMAX, FP64, BLOCK_W)
     tau = acc(tau_hi, FP64) + acc(tau_lo, FP64)
 
-    xo = pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
-    do = pix_off(p64, W, sd_h, sd_w, FLAT)[None, :] + n64 * sd_n
+    xo = pix_off(pix, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
+    do = pix_off(pix, W, sd_h, sd_w, FLAT)[None, :] + n64 * sd_n
     xa, xb = _pair_x(x_ptr, xo, sx_c, c, cp, m, FP64)
     dsa, dsb = _pair_x(ds_ptr, do, sd_c, c, cp, m, FP64)
     dxa, dxb = _pair_dx(xa, xb, dsa, dsb, n, c, cp, mc, mean_ptr, rstd_ptr, w_ptr, b_ptr, a_ptr, bsum_ptr, G, CG,
                         wn, tau, M, eps_hi, eps_lo, MASK, ON, SOFTMAX, TORCH_GN, FP64)
-    go = pix_off(p64, W, sg_h, sg_w, FLAT)[None, :] + n64 * sg_n
+    go = pix_off(pix, W, sg_h, sg_w, FLAT)[None, :] + n64 * sg_n
     gdt = dx_ptr.dtype.element_ty
     tl.store(dx_ptr + go + c64 * sg_c, dxa.to(gdt), mask=m)
     tl.store(dx_ptr + go + cp64 * sg_c, dxb.to(gdt), mask=m)

@@ -108,11 +108,11 @@ def _sq_tile(pid, C, HALF, W, HW, N_PB, gw_ptr, wsum_ptr, tau_hi, tau_lo, sx_n, 
              BK: tl.constexpr, BP: tl.constexpr, BLOCK_W: tl.constexpr):
     """The squeeze kernels' pixel tile (program pid = n N_PB + tile): n, n as int64, the BK channel
     lanes, the int64 pixel indices and their mask, x's pixel offsets, w's (denom, shift) and tau."""
-    n, n64, cb, _cp, _mc, _m, p64 = _pair_tile(pid, HALF, HW, 1, N_PB, BK, BP)
+    n, n64, cb, _cp, _mc, _m, pix = _pair_tile(pid, HALF, HW, 1, N_PB, BK, BP)
     wn = _get_wnorm(gw_ptr, wsum_ptr, C, HAS_WSUM, SOFTMAX, FP64, BLOCK_W)
     tau = acc(tau_hi, FP64) + acc(tau_lo, FP64)
-    xo = pix_off(p64, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
-    return n, n64, cb, p64, p64 < HW, xo, wn, tau
+    xo = pix_off(pix, W, sx_h, sx_w, FLAT)[None, :] + n64 * sx_n
+    return n, n64, cb, pix, pix < HW, xo, wn, tau
 
 
 # ----------------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ def _s2_squeeze_kernel(
     (kernels/sru.py). Grid (N * N_PB,).
     """
     pid = tl.program_id(0)
-    n, n64, cb, p64, mp, xo, wn, tau = _sq_tile(pid, C, HALF, W, HW, N_PB, gw_ptr, wsum_ptr, tau_hi, tau_lo,
+    n, n64, cb, pix, mp, xo, wn, tau = _sq_tile(pid, C, HALF, W, HW, N_PB, gw_ptr, wsum_ptr, tau_hi, tau_lo,
                                                 sx_n, sx_h, sx_w, True, SOFTMAX, FLAT, FP64, BK, BP, BLOCK_W)
     xdt = x_ptr.dtype.element_ty
     L = C - U
@@ -182,15 +182,14 @@ def _s2_squeeze_kernel(
     udt = up_ptr.dtype.element_ty
     up = acc_u.to(udt)
     low = acc_l.to(udt)
-    uo = pix_off(p64, W, su_h, su_w, FLAT)[None, :] + n64 * su_n
-    lo = pix_off(p64, W, sl_h, sl_w, FLAT)[None, :] + n64 * sl_n
+    uo = pix_off(pix, W, su_h, su_w, FLAT)[None, :] + n64 * su_n
+    lo = pix_off(pix, W, sl_h, sl_w, FLAT)[None, :] + n64 * sl_n
     tl.store(up_ptr + uo + ou.to(tl.int64)[:, None] * su_c, up, mask=mu_[:, None] & mp[None, :])
     tl.store(low_ptr + lo + ol.to(tl.int64)[:, None] * sl_c, low, mask=ml_[:, None] & mp[None, :])
 
     # epilogue: the pooled means' partial sums, from the stored (rounded) values
-    p32 = p64.to(tl.int32)  # p < H W: a 32-bit division (pix_off)
-    hh = p32 // W
-    ww = p32 % W
+    hh = pix // W  # int32: a 64-bit division is a subroutine call on the GPU (pix_off)
+    ww = pix % W
     uq = acc(up, FP64)
     R = USQ * K * K + LSQ
     row = part_ptr + pid.to(tl.int64) * R
@@ -478,7 +477,7 @@ def _s2_conv_kernel(
 # backward kernels: the squeeze and the SRU, s and ds rebuilt in registers
 # ----------------------------------------------------------------------------------------
 @triton.jit
-def _sq_out_grads(du_ptr, dl_ptr, did_ptr, n64, p64, mp, W, STRIDE, USQ, LSQ,
+def _sq_out_grads(du_ptr, dl_ptr, did_ptr, n64, pix, mp, W, STRIDE, USQ, LSQ,
                   sdu_n, sdu_c, sdu_h, sdu_w, sdl_n, sdl_c, sdl_h, sdl_w, sdi_n, sdi_c, sdi_h, sdi_w,
                   HAS_DL: tl.constexpr, HAS_ID: tl.constexpr, FLAT: tl.constexpr, FP64: tl.constexpr,
                   BU: tl.constexpr, BL: tl.constexpr):
@@ -489,19 +488,18 @@ def _sq_out_grads(du_ptr, dl_ptr, did_ptr, n64, p64, mp, W, STRIDE, USQ, LSQ,
     ou = tl.arange(0, BU)
     ol = tl.arange(0, BL)
     ml = (ol < LSQ)[:, None]
-    duo = pix_off(p64, W, sdu_h, sdu_w, FLAT)[None, :] + n64 * sdu_n
+    duo = pix_off(pix, W, sdu_h, sdu_w, FLAT)[None, :] + n64 * sdu_n
     du = tl.load(du_ptr + duo + ou.to(tl.int64)[:, None] * sdu_c, mask=(ou < USQ)[:, None] & mp[None, :], other=0.0)
-    p32 = p64.to(tl.int32)  # p < H W: a 32-bit division (pix_off)
-    hh = p32 // W
-    ww = p32 % W
+    hh = pix // W  # int32: a 64-bit division is a subroutine call on the GPU (pix_off)
+    ww = pix % W
     on_grid = mp & (hh % STRIDE == 0) & (ww % STRIDE == 0)
-    dl = acc(tl.zeros([BL, p64.shape[0]], tl.float32), FP64)
+    dl = acc(tl.zeros([BL, pix.shape[0]], tl.float32), FP64)
     if HAS_ID:
         dio = ((hh // STRIDE).to(tl.int64) * sdi_h + (ww // STRIDE).to(tl.int64) * sdi_w)[None, :] + n64 * sdi_n
         dl += acc(tl.load(did_ptr + dio + ol.to(tl.int64)[:, None] * sdi_c, mask=ml & on_grid[None, :], other=0.0),
                   FP64)
     if HAS_DL:
-        dlo = pix_off(p64, W, sdl_h, sdl_w, FLAT)[None, :] + n64 * sdl_n
+        dlo = pix_off(pix, W, sdl_h, sdl_w, FLAT)[None, :] + n64 * sdl_n
         dl += acc(tl.load(dl_ptr + dlo + ol.to(tl.int64)[:, None] * sdl_c, mask=ml & mp[None, :], other=0.0), FP64)
     return du, dl.to(du.dtype)
 
@@ -563,11 +561,11 @@ def _s2_sq_bwd_kernel(
     Grid (N * N_PB,).
     """
     pid = tl.program_id(0)
-    n, n64, cb, p64, mp, xo, wn, tau = _sq_tile(pid, C, HALF, W, HW, N_PB, gw_ptr, gw_ptr, tau_hi, tau_lo,
+    n, n64, cb, pix, mp, xo, wn, tau = _sq_tile(pid, C, HALF, W, HW, N_PB, gw_ptr, gw_ptr, tau_hi, tau_lo,
                                                 sx_n, sx_h, sx_w, False, SOFTMAX, FLAT, FP64, BK, BP, BLOCK_W)
     xdt = x_ptr.dtype.element_ty
     L = C - U
-    du, dl = _sq_out_grads(du_ptr, dl_ptr, did_ptr, n64, p64, mp, W, STRIDE, USQ, LSQ,
+    du, dl = _sq_out_grads(du_ptr, dl_ptr, did_ptr, n64, pix, mp, W, STRIDE, USQ, LSQ,
                            sdu_n, sdu_c, sdu_h, sdu_w, sdl_n, sdl_c, sdl_h, sdl_w, sdi_n, sdi_c, sdi_h, sdi_w,
                            HAS_DL, HAS_ID, FLAT, FP64, BU, BL)
     ou = tl.arange(0, BU)
@@ -630,11 +628,11 @@ def _s2_sq_dx_kernel(
     dx_ptr: (N, C, H, W), strides sg_*. Grid (N * N_PB,).
     """
     pid = tl.program_id(0)
-    n, n64, cb, p64, mp, xo, wn, tau = _sq_tile(pid, C, HALF, W, HW, N_PB, gw_ptr, wsum_ptr, tau_hi, tau_lo,
+    n, n64, cb, pix, mp, xo, wn, tau = _sq_tile(pid, C, HALF, W, HW, N_PB, gw_ptr, wsum_ptr, tau_hi, tau_lo,
                                                 sx_n, sx_h, sx_w, HAS_WSUM, SOFTMAX, FLAT, FP64, BK, BP, BLOCK_W)
-    go = pix_off(p64, W, sg_h, sg_w, FLAT)[None, :] + n64 * sg_n
+    go = pix_off(pix, W, sg_h, sg_w, FLAT)[None, :] + n64 * sg_n
     gdt = dx_ptr.dtype.element_ty
-    du, dl = _sq_out_grads(du_ptr, dl_ptr, did_ptr, n64, p64, mp, W, STRIDE, USQ, LSQ,
+    du, dl = _sq_out_grads(du_ptr, dl_ptr, did_ptr, n64, pix, mp, W, STRIDE, USQ, LSQ,
                            sdu_n, sdu_c, sdu_h, sdu_w, sdl_n, sdl_c, sdl_h, sdl_w, sdi_n, sdi_c, sdi_h, sdi_w,
                            HAS_DL, HAS_ID, FLAT, FP64, BU, BL)
     zero = acc(tl.zeros([BK, BP], tl.float32), FP64)
