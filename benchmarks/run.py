@@ -214,7 +214,8 @@ class CountCache:
 
     @staticmethod
     def key(impl, cin, cout, h, s, b, dtype, channels_last):
-        return f"{_shape_key(cin, cout, h, s)}|{impl}|{b}|{dtype}|{int(bool(channels_last))}"
+        d = os.environ.get("SCCONV_DISPATCH_BATCH")  # counted on the path of another batch
+        return f"{_shape_key(cin, cout, h, s)}|{impl}|{b}|{dtype}|{int(bool(channels_last))}" + (f"|d{d}" if d else "")
 
     def count(self, impl, cin, cout, h, s, b, dtype, channels_last, like=None):
         k = self.key(impl, cin, cout, h, s, b, dtype, channels_last)
@@ -561,18 +562,51 @@ def _floor_gpu(args, device):
     return find_gpu(DEFAULT_GPU), False
 
 
-def _layer_counter(counts, args, in_process, cache):
+def _same_dispatch(cin: int, cout: int, h: int, s: int, batch: int) -> bool:
+    """Whether ``SCConv(cin, cout, stride=s)`` at h x h takes the same batch-dependent path
+    (ops.stage2.grouped_dgrad_pays) at batches 1 and 2 as at ``batch``."""
+    from scconv_triton.ops import stage2 as ops_s2
+
+    usq, ho = cin // 4, (h - 1) // s + 1
+
+    def grouped(n):
+        t = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+        old = os.environ.pop("SCCONV_DISPATCH_BATCH", None)
+        try:
+            return ops_s2.grouped_dgrad_pays(t(n, cout, ho, ho), t(n, usq, h, h), t(cout, usq // 2, 3, 3))
+        finally:
+            if old is not None:
+                os.environ["SCCONV_DISPATCH_BATCH"] = old
+    return grouped(1) == grouped(2) == grouped(batch)
+
+
+def _layer_counter(counts, args, in_process, cache, batches):
     """layer_counts(keys) for networks.count_networks: fused ("ours") layer counts at batches 1 and 2,
-    reusing the per-layer rows' counts and counting the others once (in a CPU subprocess on a GPU machine)."""
+    reusing the per-layer rows' counts and counting the others once (in a CPU subprocess on a GPU machine).
+    A batch-dependent choice (ops.stage2.grouped_dgrad_pays) is made as for the networks' batch
+    (``batches``, one for all: SCCONV_DISPATCH_BATCH), so that the per-launch extrapolation
+    extrapolates the path that batch takes; rows counted on another path are counted again."""
     dtype = DTYPES[args.dtype]
+    target = max(batches)
 
     def layer_counts(keys):
+        old = os.environ.get("SCCONV_DISPATCH_BATCH")
+        os.environ["SCCONV_DISPATCH_BATCH"] = str(target)
+        try:
+            return _layer_counts(keys)
+        finally:
+            if old is None:
+                os.environ.pop("SCCONV_DISPATCH_BATCH", None)
+            else:
+                os.environ["SCCONV_DISPATCH_BATCH"] = old
+
+    def _layer_counts(keys):
         out, todo = {}, []
         for key in keys:
             cin, cout, h, s = key
             sk = _shape_key(cin, cout, h, s)
             have = {b: counts.get((sk, "ours", b)) for b in (1, 2)}
-            if all(v is not None for v in have.values()):
+            if all(v is not None for v in have.values()) and _same_dispatch(cin, cout, h, s, target):
                 out[key] = have
             else:
                 todo.append(key)
@@ -761,7 +795,7 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
             from benchmarks import networks
         except ImportError:
             import networks  # type: ignore
-        layer_counts = _layer_counter(counts, args, count_in_process, cache)
+        layer_counts = _layer_counter(counts, args, count_in_process, cache, networks.FLOOR_BATCHES.values())
         counted = networks.count_networks(layer_counts, size=args.net_size, quiet=args.quiet)
         result["network_floor"] = networks.price_networks(counted, roofline)
         result["network_floor_by_gpu"] = networks.format_ratios_by_gpu(

@@ -281,7 +281,7 @@ def test_fp64_without_input_gradient(device):
         assert rel(p.grad, q.grad) <= TOL[torch.float64], name
 
 
-def test_grouped_dgrad_pays_by_traffic():
+def test_grouped_dgrad_pays_by_traffic(monkeypatch):
     # the merged dense Y1 weight is written and read again; the grouped path reads dY1 twice and
     # adds two gradients: R50's layer2 (activations dominate) keeps the merged weight, layer3 and
     # layer4 (weights dominate at 14 x 14 and 7 x 7) take the grouped weights, at batch 1 and 2
@@ -290,6 +290,10 @@ def test_grouped_dgrad_pays_by_traffic():
         return ops_s2.grouped_dgrad_pays(t(n, c, h, h), t(n, c // 4, h, h), t(c, c // 8, 3, 3))
     for n in (1, 2):
         assert not pays(n, 64, 56) and not pays(n, 128, 28) and pays(n, 256, 14) and pays(n, 512, 7)
+    assert not pays(64, 256, 14) and not pays(128, 512, 7)
+    # counted at batch 1 for a training batch (the benchmarks' per-launch extrapolation): its path
+    monkeypatch.setenv("SCCONV_DISPATCH_BATCH", "128")
+    assert not pays(1, 256, 14) and not pays(2, 512, 7)
 
 
 def test_squeeze_backward_pays_by_traffic():

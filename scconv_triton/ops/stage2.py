@@ -17,6 +17,7 @@ images with many channels, whose per-tile weight gradients outweigh s and ds), e
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -197,15 +198,26 @@ def _conv_backward(dout, up, low, a, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2,
     return d_up, d_low, d_id, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, wsq
 
 
+def dispatch_batch(n: int) -> int:
+    """The batch that batch-dependent choices (grouped_dgrad_pays) are made for: n, or
+    SCCONV_DISPATCH_BATCH where set. The benchmarks count a layer at batches 1 and 2 and
+    extrapolate launch by launch to a training batch; for that they must count the path the
+    training batch takes (benchmarks/run.py sets it for the whole networks' floor)."""
+    v = os.environ.get("SCCONV_DISPATCH_BATCH")
+    return int(v) if v else n
+
+
 def grouped_dgrad_pays(dout, up, w_gwc) -> bool:
     """Whether the input gradients through the grouped GWC and PWC1 weights (_grouped_dgrad) move
     fewer bytes than through the merged dense Y1 weight (``cru_weights``, one cuDNN call): the
-    merged weight is written and read again (2 x its size), the grouped path reads dY1 twice and
-    adds the two gradients (dY1 + 3 x d_up). Weight-sized traffic wins at small images with
-    wide groups (R50's layer3 and layer4); the merged weight where the activations dominate."""
+    merged weight is written and read again (2 x its size, once per step), the grouped path reads
+    dY1 twice and adds the two gradients (dY1 + 3 x d_up per sample). Weight-sized traffic wins
+    at small batches of small images with wide groups (R50's layer3 and layer4 at batch 1 or 2);
+    the merged weight at training batches, where the activations dominate."""
+    n = max(dout.shape[0], 1)
     cout, _, k, _ = w_gwc.shape
     merged = cout * up.shape[1] * k * k
-    return 2 * merged > dout.numel() + 3 * up.numel()
+    return 2 * merged > dispatch_batch(n) * (dout.numel() + 3 * up.numel()) // n
 
 
 def _squeeze_weight(w_sq1, w_sq2):
