@@ -123,7 +123,7 @@ def aot_results():
     specs = captured_specs("cuda" if torch.cuda.is_available() else "cpu")
     if not specs:
         pytest.fail("no Triton launch was captured: nothing would be compiled")
-    return specs, aot_compile(specs if FULL else covering_specs(specs), archs=(80, 90))
+    return specs, aot_compile(specs if FULL else covering_specs(specs), archs=(80, 90), timeout=5400 if FULL else 600)
 
 
 def test_every_launched_kernel_compiles_for_sm80_and_sm90(aot_results):
