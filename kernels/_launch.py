@@ -49,12 +49,14 @@ def acc(v, FP64: tl.constexpr):
 @triton.jit
 def div(a, b):
     """a / b. In fp64 as a times 1 / b from fp32's reciprocal and two Newton steps (within 2 ulp
-    for |b| in fp32's range): an fp64 division is a subroutine call on the GPU, whose frame
-    ptxas put on the stack (the AOT check). Other dtypes: a / b."""
+    for |b| in fp32's range; b = 0 gives a x inf, as a / 0 does): an fp64 division is a
+    subroutine call on the GPU, whose frame ptxas put on the stack (the AOT check). Other
+    dtypes: a / b."""
     if b.dtype == tl.float64:
-        r = (1.0 / b.to(tl.float32)).to(tl.float64)
+        r0 = (1.0 / b.to(tl.float32)).to(tl.float64)
+        r = r0 * (2.0 - b * r0)
         r = r * (2.0 - b * r)
-        return a * (r * (2.0 - b * r))
+        return a * tl.where(tl.abs(r0) < float("inf"), r, r0)  # Newton turns an infinite r0 into nan
     else:
         return a / b
 

@@ -328,6 +328,7 @@ def _s2_dw_reduce_kernel(gpart_ptr, ts_ptr, a_ptr, k_ptr, dwg_ptr, db_ptr, dw1_p
     jv2 = j - nw
     tcol = tl.where(j < nw, g * nw + j, tl.where(jv2 < USQ, jv2 * KK + KK // 2, USQ * KK + jv2 - USQ))  # [BJ]
     has_t = j < RWC - 1
+    tcol = tl.where(has_t, tcol, 0)  # masked lanes inside ts too
     s = tl.zeros([BC, BJ], tl.float32).to(dwg_ptr.dtype.element_ty)
     for n in range(0, N):
         n64 = n + tl.zeros([], tl.int64)  # n is a plain int in the interpreter
@@ -337,13 +338,16 @@ def _s2_dw_reduce_kernel(gpart_ptr, ts_ptr, a_ptr, k_ptr, dwg_ptr, db_ptr, dw1_p
             gs += tl.load(gpart_ptr + (sp * sps + off), mask=m, other=0.0)
         ar = a_ptr + n64 * (2 * COUT)
         kr = k_ptr + n64 * (2 * COUT)
-        av = tl.where(y2, tl.load(ar + COUT + c, mask=mc, other=0.0)[:, None], tl.load(ar + c, mask=mc, other=0.0)[:, None])
-        kv = tl.where(y2, tl.load(kr + COUT + c, mask=mc, other=0.0)[:, None], tl.load(kr + c, mask=mc, other=0.0)[:, None])
+        # int64 offsets: a group's masked rows may point past the row (most lanes, at small COG)
+        av = tl.where(y2, tl.load(ar + COUT + c64, mask=mc, other=0.0)[:, None],
+                      tl.load(ar + c64, mask=mc, other=0.0)[:, None])
+        kv = tl.where(y2, tl.load(kr + COUT + c64, mask=mc, other=0.0)[:, None],
+                      tl.load(kr + c64, mask=mc, other=0.0)[:, None])
         tv = tl.load(ts_ptr + n64 * RT + tcol, mask=has_t, other=0.0)
         s += av * gs + kv * tl.where(jj == RWC - 1, HOWO, tv[None, :])
-    tl.store(dwg_ptr + c64[:, None] * nw + jj, s, mask=m & (jj < nw))
-    tl.store(dw1_ptr + c64[:, None] * USQ + j2, s, mask=m & (j2 >= 0) & (j2 < USQ))
-    tl.store(dw2_ptr + c64[:, None] * LSQ + j3, s, mask=m & y2 & (c < P)[:, None])
+    tl.store(dwg_ptr + (c64[:, None] * nw + jj), s, mask=m & (jj < nw))
+    tl.store(dw1_ptr + (c64[:, None] * USQ + j2), s, mask=m & (j2 >= 0) & (j2 < USQ))
+    tl.store(dw2_ptr + (c64[:, None] * LSQ + j3), s, mask=m & y2 & (c < P)[:, None])
     tl.store(db_ptr + c64[:, None] + jj * 0, s, mask=m & (jj == RWC - 1))
 
 
