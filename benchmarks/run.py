@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 import traceback
+from unittest import mock
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
@@ -568,16 +569,9 @@ def _same_dispatch(cin: int, cout: int, h: int, s: int, batch: int) -> bool:
     from scconv_triton.ops import stage2 as ops_s2
 
     usq, ho = cin // 4, (h - 1) // s + 1
-
-    def grouped(n):
-        t = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
-        old = os.environ.pop("SCCONV_DISPATCH_BATCH", None)
-        try:
-            return ops_s2.grouped_dgrad_pays(t(n, cout, ho, ho), t(n, usq, h, h), t(cout, usq // 2, 3, 3))
-        finally:
-            if old is not None:
-                os.environ["SCCONV_DISPATCH_BATCH"] = old
-    return grouped(1) == grouped(2) == grouped(batch)
+    t = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+    dout, up, w = t(1, cout, ho, ho), t(1, usq, h, h), t(cout, usq // 2, 3, 3)
+    return len({ops_s2.grouped_dgrad_pays(dout, up, w, batch=n) for n in (1, 2, batch)}) == 1
 
 
 def _layer_counter(counts, args, in_process, cache, batches):
@@ -590,15 +584,8 @@ def _layer_counter(counts, args, in_process, cache, batches):
     target = max(batches)
 
     def layer_counts(keys):
-        old = os.environ.get("SCCONV_DISPATCH_BATCH")
-        os.environ["SCCONV_DISPATCH_BATCH"] = str(target)
-        try:
+        with mock.patch.dict(os.environ, SCCONV_DISPATCH_BATCH=str(target)):  # CPU subprocesses see it too
             return _layer_counts(keys)
-        finally:
-            if old is None:
-                os.environ.pop("SCCONV_DISPATCH_BATCH", None)
-            else:
-                os.environ["SCCONV_DISPATCH_BATCH"] = old
 
     def _layer_counts(keys):
         out, todo = {}, []

@@ -107,7 +107,7 @@ def _sq_tile(pid, C, HALF, W, HW, N_PB, gw_ptr, wsum_ptr, tau_hi, tau_lo, sx_n, 
              HAS_WSUM: tl.constexpr, SOFTMAX: tl.constexpr, FLAT: tl.constexpr, FP64: tl.constexpr,
              BK: tl.constexpr, BP: tl.constexpr, BLOCK_W: tl.constexpr):
     """The squeeze kernels' pixel tile (program pid = n N_PB + tile): n, n as int64, the BK channel
-    lanes, the int64 pixel indices and their mask, x's pixel offsets, w's (denom, shift) and tau."""
+    lanes, the pixel indices (int32) and their mask, x's pixel offsets, w's (denom, shift) and tau."""
     n, n64, cb, _cp, _mc, _m, pix = _pair_tile(pid, HALF, HW, 1, N_PB, BK, BP)
     wn = _get_wnorm(gw_ptr, wsum_ptr, C, HAS_WSUM, SOFTMAX, FP64, BLOCK_W)
     tau = acc(tau_hi, FP64) + acc(tau_lo, FP64)

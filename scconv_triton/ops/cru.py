@@ -271,14 +271,20 @@ def cru_convs_backward(dout: Tensor, a: Tensor, da: Tensor, up: Tensor, low: Ten
     d_up, d_wm, d_b = conv_bwd(
         dy1, up, wm, [shape.out_channels], [st, st], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [True, wgrad, wgrad]
     )
-    if shape.pwc2_out > 0:
-        d_low, d_pwc2, _ = conv_bwd(
-            dp2, low, w_pwc2, None, [st, st], [0, 0], [1, 1], False, [0, 0], 1, [True, wgrad, False]
-        )
-    else:
-        d_low = low.new_empty((0,))
-        d_pwc2 = torch.empty_like(w_pwc2) if wgrad else None  # PWC2 has no output channels: no launch
+    d_low, d_pwc2 = pwc2_backward(dp2, low, w_pwc2, shape, wgrad)
     return d_up, d_low, did, d_wm, d_b, d_pwc2
+
+
+def pwc2_backward(dp2: Tensor, low: Tensor, w_pwc2: Tensor, shape: CRUShape, wgrad: bool):
+    """(d_low, d_pwc2) of PWC2 (1 x 1, this stride) by cuDNN: d_low empty when PWC2 has no
+    channels, d_pwc2 None unless ``wgrad``."""
+    if shape.pwc2_out == 0:
+        return low.new_empty((0,)), torch.empty_like(w_pwc2) if wgrad else None  # no output channels: no launch
+    st = shape.stride
+    d_low, d_pwc2, _ = torch.ops.aten.convolution_backward.default(
+        dp2, low, w_pwc2, None, [st, st], [0, 0], [1, 1], False, [0, 0], 1, [True, wgrad, False]
+    )
+    return d_low, d_pwc2
 
 
 def cru_backward_core(

@@ -28,7 +28,9 @@ from ..kernels import stage2_bwd as _kb
 from .._config import SRUMath
 from ..kernels._launch import acc_dtype, channels_fastest, memory_format
 from ._dispatch import eager_direct
-from .cru import cru_combine_bwd, cru_conv_backward, cru_convs_backward, cru_squeeze_backward, cru_weights
+from .cru import (
+    cru_combine_bwd, cru_conv_backward, cru_convs_backward, cru_squeeze_backward, cru_weights, pwc2_backward,
+)
 from .sru import gate_mode, sru_apply_op, sru_backward_op
 
 __all__ = ["Stage2Function", "scconv_stage2", "supports"]
@@ -207,17 +209,18 @@ def dispatch_batch(n: int) -> int:
     return int(v) if v else n
 
 
-def grouped_dgrad_pays(dout, up, w_gwc) -> bool:
+def grouped_dgrad_pays(dout, up, w_gwc, batch: Optional[int] = None) -> bool:
     """Whether the input gradients through the grouped GWC and PWC1 weights (_grouped_dgrad) move
     fewer bytes than through the merged dense Y1 weight (``cru_weights``, one cuDNN call): the
     merged weight is written and read again (2 x its size, once per step), the grouped path reads
     dY1 twice and adds the two gradients (dY1 + 3 x d_up per sample). Weight-sized traffic wins
     at small batches of small images with wide groups (R50's layer3 and layer4 at batch 1 or 2);
-    the merged weight at training batches, where the activations dominate."""
+    the merged weight at training batches, where the activations dominate. ``batch``: decide
+    for that batch instead (default: ``dispatch_batch`` of dout's)."""
     n = max(dout.shape[0], 1)
     cout, _, k, _ = w_gwc.shape
     merged = cout * up.shape[1] * k * k
-    return 2 * merged > dispatch_batch(n) * (dout.numel() + 3 * up.numel()) // n
+    return 2 * merged > (batch or dispatch_batch(n)) * (dout.numel() + 3 * up.numel()) // n
 
 
 def _squeeze_weight(w_sq1, w_sq2):
@@ -239,11 +242,7 @@ def _grouped_dgrad(dout, a, da, up, low, w_gwc, w_pwc1, w_pwc2, shape, softmax, 
     d_up = conv_bwd(dy1, up, w_gwc, None, [st, st], [k // 2, k // 2], [1, 1], False, [0, 0], shape.group_size,
                     mask)[0]
     d_up = d_up.add_(conv_bwd(dy1, up, w_pwc1, None, [st, st], [0, 0], [1, 1], False, [0, 0], 1, mask)[0])
-    if shape.pwc2_out > 0:
-        d_low = conv_bwd(dp2, low, w_pwc2, None, [st, st], [0, 0], [1, 1], False, [0, 0], 1, mask)[0]
-    else:
-        d_low = low.new_empty((0,))
-    return d_up, d_low, did
+    return d_up, pwc2_backward(dp2, low, w_pwc2, shape, False)[0], did
 
 
 class Stage2Function(torch.autograd.Function):
