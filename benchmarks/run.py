@@ -564,14 +564,16 @@ def _floor_gpu(args, device):
 
 
 def _same_dispatch(cin: int, cout: int, h: int, s: int, batch: int) -> bool:
-    """Whether ``SCConv(cin, cout, stride=s)`` at h x h takes the same batch-dependent path
-    (ops.stage2.grouped_dgrad_pays) at batches 1 and 2 as at ``batch``."""
+    """Whether ``SCConv(cin, cout, stride=s)`` at h x h takes the same batch-dependent paths
+    (ops.stage2.dw_pass_pays, grouped_dgrad_pays) at batches 1 and 2 as at ``batch``."""
     from scconv_triton.ops import stage2 as ops_s2
 
-    usq, ho = cin // 4, (h - 1) // s + 1
+    usq, ho = cin // 4, (h - 1) // s + 1  # the report's SCConv: alpha 1/2, squeeze_radio 2, group_size 2, 3 x 3
     t = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
-    dout, up, w = t(1, cout, ho, ho), t(1, usq, h, h), t(cout, usq // 2, 3, 3)
-    return len({ops_s2.grouped_dgrad_pays(dout, up, w, batch=n) for n in (1, 2, batch)}) == 1
+    dout, up, w, w2 = t(1, cout, ho, ho), t(1, usq, h, h), t(cout, usq // 2, 3, 3), t(cout - usq, usq, 1, 1)
+    tf32 = torch.backends.cudnn.allow_tf32
+    return len({(ops_s2.dw_pass_pays(dout, up, w, w2, s, 2, tf32, batch=n),
+                 ops_s2.grouped_dgrad_pays(dout, up, w, batch=n)) for n in (1, 2, batch)}) == 1
 
 
 def _layer_counter(counts, args, in_process, cache, batches):

@@ -545,12 +545,6 @@ _DW_UP_IEEE = 1536  # live up tiles without TF32: 2 x 1024 (4 x 16, 16 channels)
 # in it (benchmarks/meter.py's per-sample inference relies on that).
 _DW_PARTIAL_SHARE = 0.125
 _DW_MAX_SP = 32
-# Wide groups (input channels in chunks) take the dw pass only where its weight-sized product
-# rows, written and read once per sample, are at most this many times dout's per-sample size;
-# else the rebuild path, whose weight traffic is per step, not per sample. R50's layer3 (14 x 14:
-# 4.3x) takes the pass; layer4 (7 x 7: 34x) the rebuild path: there the pass moves less at batch
-# 1 (129 S against 177 S) but its rows grow with the batch (the floor at batch 64: 2x stage 1's).
-_DW_CHUNKED_ROWS = 8
 
 
 @functools.lru_cache(maxsize=1024)
@@ -558,7 +552,7 @@ def dw_plan(h: int, w: int, k: int, st: int, g: int, cig: int, cog: int, usq: in
             fp64: bool, esize: int, ieee: bool = False):
     """Tiles of _s2_dw_kernel: a dict of its constexprs and grid parameters (OHT, OWT, N_RB,
     N_T, TPP, N_SP, N_CB, N_CI) and num_warps; None if none fits (the stage-1 convolution
-    backward runs then). All of a group's input channels in one chunk where a tile fits (dout
+    backward runs then; where one fits, ops.stage2.dw_pass_pays decides by bytes). All of a group's input channels in one chunk where a tile fits (dout
     read once); else the fewest chunks of 32, 16 or 8 channels that fit (each chunk reads dout
     again: N_CI times in all)."""
     gp = np2(g)
@@ -572,8 +566,6 @@ def dw_plan(h: int, w: int, k: int, st: int, g: int, cig: int, cog: int, usq: in
     ho, wo = (h - 1) // st + 1, (w - 1) // st + 1
     cout = g * cog
     rwc = cig * k * k + usq + lsq + 1
-    if plan["N_CI"] > 1 and 2 * rwc > _DW_CHUNKED_ROWS * ho * wo:
-        return None
     part = 2 * 4 * (2 if fp64 else 1) * (cout * rwc + usq * k * k + lsq)  # a row's round trip, per sample
     n_sp = max(1, min(plan["N_T"], _DW_MAX_SP, int(_DW_PARTIAL_SHARE * cout * ho * wo * esize / part)))
     tpp = cdiv(plan["N_T"], n_sp)

@@ -17,7 +17,7 @@ from scconv_triton.kernels import stage2 as ks2
 from scconv_triton.kernels import stage2_bwd as kb
 from scconv_triton.ops import stage2 as ops_s2
 from scconv_triton.testing import capture_launches
-from _helpers import TOL, cpu_only, draw_away_from_gate, rel
+from _helpers import TOL, cpu_only, draw_away_from_gate, needs_interpreter, rel
 from test_scconv import _pair as _pair_cfg
 from test_scconv import _run
 
@@ -91,11 +91,11 @@ def _caps(monkeypatch, mod, plan_fn, **caps):
 
 def _dw_runs(fused, x):
     sh = fused.CRU.shape
-    g = sh.group_size
     n, _, h, w = x.shape
-    ieee = x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
-    return kb.dw_plan(h, w, sh.kernel_size, sh.stride, g, sh.up_sq // g, sh.out_channels // g, sh.up_sq,
-                      sh.low_sq, x.dtype == torch.float64, x.element_size(), ieee) is not None
+    ho, wo = (h - 1) // sh.stride + 1, (w - 1) // sh.stride + 1
+    meta = lambda *shape: torch.empty(*shape, dtype=x.dtype, device="meta")  # noqa: E731
+    return ops_s2.dw_pass_pays(meta(n, sh.out_channels, ho, wo), meta(n, sh.up_sq, h, w), fused.CRU.GWC.weight,
+                               fused.CRU.PWC2.weight, sh.stride, sh.group_size, torch.backends.cudnn.allow_tf32)
 
 
 def _check(fused, base, x, tol, dw=True):
@@ -198,6 +198,8 @@ def test_fp64_dw_pass_in_many_programs(device, monkeypatch):
     # products reduced in a fixed order) and several channel blocks (N_CB > 1: T and L written by
     # block 0 only), forced by a large partial share and a small register cap at a small shape
     with _caps(monkeypatch, kb, kb.dw_plan, _DW_PARTIAL_SHARE=1e3, _DW_HELD=10000):
+        # so many product rows move more than the rebuild path (dw_pass_pays): taken anyway
+        monkeypatch.setattr(ops_s2, "dw_pass_pays", lambda *a, **k: True)
         kw = dict(op_channel=32, out_channels=72, group_size=2, stride=2, group_kernel_size=5)
         fused, base = _pair(kw, device)
         sh = fused.CRU.shape
@@ -294,6 +296,47 @@ def test_grouped_dgrad_pays_by_traffic(monkeypatch):
     # counted at batch 1 for a training batch (the benchmarks' per-launch extrapolation): its path
     monkeypatch.setenv("SCCONV_DISPATCH_BATCH", "128")
     assert not pays(1, 256, 14) and not pays(2, 512, 7)
+
+
+def test_dw_pass_pays_by_traffic(monkeypatch):
+    # the dw pass's weight-sized product rows are per sample, the rebuild path's merged weight
+    # per step: at the report's shapes (fp32) R50's layer4 takes the pass at batch 1 only, layer3
+    # up to a few samples, the rest always; counted on a training batch's path, the rebuild
+    def pays(n, c, h, s=1):
+        t = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+        ho = (h - 1) // s + 1
+        return ops_s2.dw_pass_pays(t(n, c, ho, ho), t(n, c // 4, h, h), t(c, c // 8, 3, 3), t(3 * c // 4, c // 4, 1, 1),
+                                   s, 2, True)
+    for n in (1, 2, 64):
+        assert pays(n, 64, 56) and pays(n, 128, 28) and pays(n, 128, 56, 2)
+    assert pays(1, 512, 7) and not pays(2, 512, 7) and pays(1, 512, 14, 2) and not pays(2, 512, 14, 2)
+    assert pays(2, 256, 14) and not pays(64, 256, 14)
+    monkeypatch.setenv("SCCONV_DISPATCH_BATCH", "64")
+    assert not pays(1, 512, 7) and not pays(1, 256, 14)
+
+
+@needs_interpreter("Triton launches are counted under the interpreter")
+def test_dw_pass_choice_moves_less_counted(monkeypatch):
+    # the rule against the meter, both paths counted, where it flips: SCConv(48) at 2 x 2 takes
+    # the pass at batch 1 and the rebuild path at batch 2; each time the one that moves less
+    from benchmarks.meter import measure_step
+
+    real = ops_s2.dw_pass_pays
+    for n, takes_pass in ((1, True), (2, False)):
+        moved = {}
+        for force in (True, False):
+            torch.manual_seed(0)
+            mod, x = scconv_triton.SCConv(48), torch.randn(n, 48, 2, 2)
+            with monkeypatch.context() as m:
+                m.setattr(ops_s2, "dw_pass_pays", lambda *a, **k: force)
+                with capture_launches(keep_args=False) as calls:
+                    moved[force] = measure_step(mod, x, keep_meters=True)["bwd_meter"].total_bytes
+            assert ("_s2_dw_kernel" in [c.name for c in calls]) == force
+        sh = mod.CRU.shape
+        meta = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+        assert real(meta(n, 48, 2, 2), meta(n, sh.up_sq, 2, 2), mod.CRU.GWC.weight, mod.CRU.PWC2.weight, 1, 2,
+                    torch.backends.cudnn.allow_tf32) == takes_pass
+        assert (moved[True] < moved[False]) == takes_pass, moved
 
 
 def test_squeeze_backward_pays_by_traffic():

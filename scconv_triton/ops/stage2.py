@@ -5,7 +5,7 @@ traces it), and its autograd Function.
 
 Backward: dA and the convolution weights' gradients by kernels/stage2_bwd.py
 (``scconv_triton::stage2_dw``: one pass over dout, up and low; Y1 and PWC2's output never
-rebuilt) where it has a tile (``dw_plan``; else stage 1's ``cru_conv_backward``, which rebuilds
+rebuilt) where it has a tile and moves less (``dw_pass_pays``; else stage 1's ``cru_conv_backward``, which rebuilds
 them by cuDNN); the convolutions' input gradients by ``scconv_triton::stage2_dgrad`` (dY formed on
 the fly, the identity branch's gradient folded into d_low) where it has a tile and the fused
 squeeze backward runs, else stage 1's combine backward and cuDNN: with the module's grouped GWC
@@ -181,7 +181,7 @@ def _conv_backward(dout, up, low, a, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2,
     weight gradients by stage2_dw (no Y1 or PWC2 output rebuilt) where it has a tile; the input
     gradients by stage2_dgrad where it has one and ``fuse_dgrad`` (then d_low includes the identity
     branch's gradient, and d_id and wsq are None), else the combine's and cuDNN's backward."""
-    if _kb.dw_plan_for(up, w_gwc, w_pwc2, shape.stride, shape.group_size, tf32) is None:
+    if not dw_pass_pays(dout, up, w_gwc, w_pwc2, shape.stride, shape.group_size, tf32):
         return cru_conv_backward(dout, (up, low, a), w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax,
                                  True, cl)
     da, kv, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2 = _dw_call(
@@ -207,6 +207,33 @@ def dispatch_batch(n: int) -> int:
     training batch takes (benchmarks/run.py sets it for the whole networks' floor)."""
     v = os.environ.get("SCCONV_DISPATCH_BATCH")
     return int(v) if v else n
+
+
+def dw_pass_pays(dout, up, w_gwc, w_pwc2, stride: int, groups: int, tf32: bool,
+                 batch: Optional[int] = None) -> bool:
+    """Whether dA and the convolution weight gradients go through stage2_dw: where it has a tile
+    (``dw_plan``) and moves fewer bytes than the rebuild path (``cru_conv_backward``) at the batch.
+    The pass's own costs grow with the batch: per sample it writes N_SP weight-sized rows of
+    products and reads them back (in the accumulation dtype), reads the weights (dA comes from
+    the products), and reads dout once per input-channel chunk (N_CI). The rebuild path's are
+    mostly per step: the merged dense Y1 weight is written, read by the Y1 convolution, and its
+    gradient written by cuDNN and read back (4 weight sizes); per sample it writes Y1 and PWC2's
+    output and reads them back with dout once more. Weight-sized rows win at small batches of
+    small images with wide groups (R50's layer4 at batch 1: 129 S against 177 S counted) and
+    lose at training batches (there: 86 S per sample against 24 S). ``batch``: decide for that
+    batch (default: ``dispatch_batch`` of dout's)."""
+    plan = _kb.dw_plan_for(up, w_gwc, w_pwc2, stride, groups, tf32)
+    if plan is None:
+        return False
+    n = batch or dispatch_batch(max(dout.shape[0], 1))
+    cout, cig, k, _ = w_gwc.shape
+    p, lsq = w_pwc2.shape[:2]
+    es, acc = up.element_size(), 8 if up.dtype == torch.float64 else 4
+    rwc = cig * k * k + up.shape[1] + lsq + 1
+    hw = dout.shape[2] * dout.shape[3]
+    per_pass = (2 * plan["N_SP"] * acc + es) * cout * rwc + (plan["N_CI"] - 1) * cout * hw * es
+    per_rebuild = (2 * (cout + p) + cout) * hw * es
+    return n * per_pass <= 4 * cout * up.shape[1] * k * k * es + n * per_rebuild
 
 
 def grouped_dgrad_pays(dout, up, w_gwc, batch: Optional[int] = None) -> bool:
