@@ -563,17 +563,42 @@ def _floor_gpu(args, device):
     return find_gpu(DEFAULT_GPU), False
 
 
-def _same_dispatch(cin: int, cout: int, h: int, s: int, batch: int) -> bool:
+def _same_dispatch(cin: int, cout: int, h: int, s: int, batch: int, dtype=torch.float32) -> bool:
     """Whether ``SCConv(cin, cout, stride=s)`` at h x h takes the same batch-dependent paths
     (ops.stage2.dw_pass_pays, grouped_dgrad_pays) at batches 1 and 2 as at ``batch``."""
+    from scconv_triton.kernels import stage2 as ks2
     from scconv_triton.ops import stage2 as ops_s2
 
     usq, ho = cin // 4, (h - 1) // s + 1  # the report's SCConv: alpha 1/2, squeeze_radio 2, group_size 2, 3 x 3
-    t = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+    t = lambda *shape: torch.empty(*shape, device="meta", dtype=dtype)  # noqa: E731
     dout, up, w, w2 = t(1, cout, ho, ho), t(1, usq, h, h), t(cout, usq // 2, 3, 3), t(cout - usq, usq, 1, 1)
     tf32 = torch.backends.cudnn.allow_tf32
-    return len({(ops_s2.dw_pass_pays(dout, up, w, w2, s, 2, tf32, batch=n),
+    fuse = ks2.squeeze_backward_pays(1, cin, h, h, usq, cin // 2, usq, dout.element_size())
+    return len({(ops_s2.dw_pass_pays(dout, up, w, w2, s, 2, tf32, fuse, batch=n),
                  ops_s2.grouped_dgrad_pays(dout, up, w, batch=n)) for n in (1, 2, batch)}) == 1
+
+
+def _floor_counts(cs, impl, shape, cbatches, floor_batch, args, cache, in_process):
+    """The counts a row's floor extrapolates from: ``cs`` (at ``cbatches``), or, where stage 2
+    takes another batch-dependent path at the floor's batch than at the counted ones
+    (_same_dispatch), the counts of that path (SCCONV_DISPATCH_BATCH; the per-launch
+    extrapolation needs the same launches at both batches)."""
+    name, cin, cout, h, s = shape
+    dtype = DTYPES[args.dtype]
+    if impl != "ours" or len(cbatches) < 2 or floor_batch in cbatches or _same_dispatch(cin, cout, h, s, floor_batch,
+                                                                                        dtype):
+        return cs
+    with mock.patch.dict(os.environ, SCCONV_DISPATCH_BATCH=str(floor_batch)):
+        if in_process:
+            out, prev = [], None
+            for b in cbatches:
+                prev = cache.count(impl, cin, cout, h, s, b, dtype, args.channels_last, like=prev)
+                out.append(prev)
+            if not args.quiet:
+                print(f"[floor] counted {name} on batch {floor_batch}'s path", file=sys.stderr)
+            return out
+        raw = count_subprocess([shape], [impl], cbatches, args.dtype, args.channels_last)
+        return [raw[f"{_shape_key(cin, cout, h, s)}|{impl}|{b}"] for b in cbatches]
 
 
 def _layer_counter(counts, args, in_process, cache, batches):
@@ -595,7 +620,7 @@ def _layer_counter(counts, args, in_process, cache, batches):
             cin, cout, h, s = key
             sk = _shape_key(cin, cout, h, s)
             have = {b: counts.get((sk, "ours", b)) for b in (1, 2)}
-            if all(v is not None for v in have.values()) and _same_dispatch(cin, cout, h, s, target):
+            if all(v is not None for v in have.values()) and _same_dispatch(cin, cout, h, s, target, dtype):
                 out[key] = have
             else:
                 todo.append(key)
@@ -718,7 +743,9 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
                     row.update({k: c[k] for k in COUNT_KEYS})
                     try:
                         two = len(cbatches) >= 2
-                        row.update(row_floor(cs[0], cs[1] if two else None, floor_batch, roofline,
+                        fs = _floor_counts(cs, impl, (name, cin, cout, h, s), cbatches, floor_batch, args, cache,
+                                           count_in_process)
+                        row.update(row_floor(fs[0], fs[1] if two else None, floor_batch, roofline,
                                              cbatches[0], cbatches[1] if two else cbatches[0]))
                     except (ValueError, KeyError) as e:
                         row["floor_error"] = _err(e)

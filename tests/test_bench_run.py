@@ -112,6 +112,26 @@ def test_default_path_counts_and_prints(tmp_path):
     assert data["meta"]["batch"] == batch
 
 
+@cpu_only("the layer counts run in process")
+def test_floor_counts_the_floor_batchs_path(monkeypatch):
+    # where stage 2's batch-dependent choice (ops.stage2.dw_pass_pays) differs between the
+    # counted batches and the floor's, the floor extrapolates counts of the floor batch's path:
+    # the same floor as counting at that batch. By bytes alone SCConv(48) at 2 x 2 takes the dw
+    # pass at batch 1 only.
+    from scconv_triton.ops import stage2 as ops_s2
+
+    monkeypatch.setattr(ops_s2, "LAUNCH_BYTES", 0)
+    assert not bench._same_dispatch(48, 48, 2, 1, 4)
+    res = bench.run(bench.parse_args(["--quiet", "--no-networks", "--no-net-floor", "--shapes", "48@2", "--impls",
+                                      "ours", "--floor-batch", "4"]), stream=io.StringIO())
+    row = _row(res, "ours")
+    assert "floor_error" not in row and row["floor_batch"] == 4, row
+    c4 = bench.count_row("ours", 48, 48, 2, 1, 4)
+    want = bench.row_floor(c4, None, 4, bench.Roofline(bench.find_gpu(bench.DEFAULT_GPU), dtype="float32"), 4)
+    for k in ("floor_fwd_ms", "floor_bwd_ms", "floor_bwd_flops", "floor_bytes_ms", "floor_launch_ms"):
+        assert row[k] == pytest.approx(want[k], rel=1e-9), k
+
+
 def test_extrapolation_is_exact_for_eager_ops():
     c1 = bench.count_row("reference", 16, 16, 8, 1, 1)
     c2 = bench.count_row("reference", 16, 16, 8, 1, 2)

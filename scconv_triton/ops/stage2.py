@@ -178,10 +178,10 @@ _dgrad_call = eager_direct(_dgrad_op, _dgrad_impl)
 def _conv_backward(dout, up, low, a, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, tf32, cl,
                    fuse_dgrad):
     """(d_up, d_low, d_id, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, wsq) as ``cru_conv_backward``: dA and the
-    weight gradients by stage2_dw (no Y1 or PWC2 output rebuilt) where it has a tile; the input
+    weight gradients by stage2_dw (no Y1 or PWC2 output rebuilt) where ``dw_pass_pays``; the input
     gradients by stage2_dgrad where it has one and ``fuse_dgrad`` (then d_low includes the identity
     branch's gradient, and d_id and wsq are None), else the combine's and cuDNN's backward."""
-    if not dw_pass_pays(dout, up, w_gwc, w_pwc2, shape.stride, shape.group_size, tf32):
+    if not dw_pass_pays(dout, up, w_gwc, w_pwc2, shape.stride, shape.group_size, tf32, fuse_dgrad):
         return cru_conv_backward(dout, (up, low, a), w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax,
                                  True, cl)
     da, kv, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2 = _dw_call(
@@ -209,31 +209,45 @@ def dispatch_batch(n: int) -> int:
     return int(v) if v else n
 
 
-def dw_pass_pays(dout, up, w_gwc, w_pwc2, stride: int, groups: int, tf32: bool,
+# A launch's fixed cost in bytes of traffic: about 2 us at 3 TB/s (the report's floor charges
+# 2.5 us on an H100). Where the Triton dgrad follows, the dw pass runs 4 launches (dw, dsoft,
+# reduce, dgrad) in place of the rebuild path's 8 (merged weights, two convolutions, the pooled
+# sums, the combine's backward, cuDNN's two backward calls, the weights' reduction).
+LAUNCH_BYTES = 6 << 20
+_PASS_SAVES_LAUNCHES = 4
+
+
+def dw_pass_pays(dout, up, w_gwc, w_pwc2, stride: int, groups: int, tf32: bool, fuse_dgrad: bool = False,
                  batch: Optional[int] = None) -> bool:
     """Whether dA and the convolution weight gradients go through stage2_dw: where it has a tile
-    (``dw_plan``) and moves fewer bytes than the rebuild path (``cru_conv_backward``) at the batch.
+    (``dw_plan``) and costs less than the rebuild path (``cru_conv_backward``) at the batch.
     The pass's own costs grow with the batch: per sample it writes N_SP weight-sized rows of
     products and reads them back (in the accumulation dtype), reads the weights (dA comes from
     the products), and reads dout once per input-channel chunk (N_CI). The rebuild path's are
     mostly per step: the merged dense Y1 weight is written, read by the Y1 convolution, and its
     gradient written by cuDNN and read back (4 weight sizes); per sample it writes Y1 and PWC2's
-    output and reads them back with dout once more. Weight-sized rows win at small batches of
-    small images with wide groups (R50's layer4 at batch 1: 129 S against 177 S counted) and
-    lose at training batches (there: 86 S per sample against 24 S). ``batch``: decide for that
-    batch (default: ``dispatch_batch`` of dout's)."""
+    output and reads them back with dout once more. With ``fuse_dgrad`` (the squeeze backward
+    is fused, so the Triton dgrad follows where it has a tile) the pass also saves launches,
+    LAUNCH_BYTES each. Weight-sized rows win at small batches of small images with wide groups
+    (R50's layer4 at batch 1: 129 S against 177 S counted) and lose at training batches (there:
+    86 S per sample against 24 S). ``batch``: decide for that batch (default: ``dispatch_batch``
+    of dout's)."""
     plan = _kb.dw_plan_for(up, w_gwc, w_pwc2, stride, groups, tf32)
     if plan is None:
         return False
     n = batch or dispatch_batch(max(dout.shape[0], 1))
     cout, cig, k, _ = w_gwc.shape
     p, lsq = w_pwc2.shape[:2]
+    usq, h, w = up.shape[1:]
     es, acc = up.element_size(), 8 if up.dtype == torch.float64 else 4
-    rwc = cig * k * k + up.shape[1] + lsq + 1
+    rwc = cig * k * k + usq + lsq + 1
     hw = dout.shape[2] * dout.shape[3]
     per_pass = (2 * plan["N_SP"] * acc + es) * cout * rwc + (plan["N_CI"] - 1) * cout * hw * es
     per_rebuild = (2 * (cout + p) + cout) * hw * es
-    return n * per_pass <= 4 * cout * up.shape[1] * k * k * es + n * per_rebuild
+    ieee = up.dtype == torch.float32 and not tf32
+    dgrad = fuse_dgrad and _kb.dgrad_plan(h, w, k, stride, usq, lsq, cout, ieee) is not None
+    launches = LAUNCH_BYTES * _PASS_SAVES_LAUNCHES if dgrad else 0
+    return n * per_pass <= 4 * cout * usq * k * k * es + n * per_rebuild + launches
 
 
 def grouped_dgrad_pays(dout, up, w_gwc, batch: Optional[int] = None) -> bool:
