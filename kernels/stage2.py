@@ -91,6 +91,18 @@ def _on_taps(i, d, PAD, STRIDE, NOUT):
 
 
 @triton.jit
+def _tap_row_sums(row, uq, hh, ww, mp, ou, mu_, dy, PAD, STRIDE, HO, WO, K: tl.constexpr):
+    """The squeeze tile's partial sums T of kernel row dy (its K taps): for each up channel ou,
+    the sum of uq [BU, BP] over the tile's pixels (rows hh, columns ww) that tap reads; stored
+    at row + ou K K + dy K + dx."""
+    rm = _on_taps(hh, dy, PAD, STRIDE, HO) & mp
+    for dx in tl.static_range(K):
+        sel = rm & _on_taps(ww, dx, PAD, STRIDE, WO)
+        t = tl.sum(tl.where(sel[None, :], uq, 0.0), axis=1)
+        tl.store(row + ou * (K * K) + (dy * K + dx), t, mask=mu_)
+
+
+@triton.jit
 def _tile_sums(part_ptr, nn, mn, idx, mi, R, N_PB):
     """[BN, BJ] sums over the N_PB pixel tiles of sample nn of the partial-sum entries idx
     (part_ptr: (N * N_PB, R)), tiles in a fixed order."""
@@ -193,12 +205,15 @@ def _s2_squeeze_kernel(
     uq = acc(up, FP64)
     R = USQ * K * K + LSQ
     row = part_ptr + pid.to(tl.int64) * R
-    for dy in tl.static_range(K):
-        rm = _on_taps(hh, dy, PAD, STRIDE, HO) & mp
-        for dx in tl.static_range(K):
-            sel = rm & _on_taps(ww, dx, PAD, STRIDE, WO)
-            t = tl.sum(tl.where(sel[None, :], uq, 0.0), axis=1)
-            tl.store(row + ou * (K * K) + (dy * K + dx), t, mask=mu_)
+    # the rows' taps in a loop up to k = 5: nine unrolled reductions put 2 registers on sm_80's
+    # stack (C = 128, fp32, k = 3); at k = 7 a loop puts 2 on sm_90's (fp32) and rolling the
+    # columns too 1 on sm_80's (bf16, alpha != 1/2): unrolled there (the AOT check)
+    if K <= 5:
+        for dy in range(K):
+            _tap_row_sums(row, uq, hh, ww, mp, ou, mu_, dy, PAD, STRIDE, HO, WO, K)
+    else:
+        for dy in tl.static_range(K):
+            _tap_row_sums(row, uq, hh, ww, mp, ou, mu_, dy, PAD, STRIDE, HO, WO, K)
     grid = mp & (hh % STRIDE == 0) & (ww % STRIDE == 0)
     lsum = tl.sum(tl.where(grid[None, :], acc(low, FP64), 0.0), axis=1)
     tl.store(row + USQ * K * K + ol, lsum, mask=ml_)
