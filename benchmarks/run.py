@@ -563,9 +563,9 @@ def _floor_gpu(args, device):
     return find_gpu(DEFAULT_GPU), False
 
 
-def _same_dispatch(cin: int, cout: int, h: int, s: int, batch: int, dtype=torch.float32) -> bool:
+def _same_dispatch(cin: int, cout: int, h: int, s: int, batch: int, dtype=torch.float32, counted=(1, 2)) -> bool:
     """Whether ``SCConv(cin, cout, stride=s)`` at h x h takes the same batch-dependent paths
-    (ops.stage2.dw_pass_pays, grouped_dgrad_pays) at batches 1 and 2 as at ``batch``."""
+    (ops.stage2.dw_pass_pays, grouped_dgrad_pays) at the ``counted`` batches as at ``batch``."""
     from scconv_triton.kernels import stage2 as ks2
     from scconv_triton.ops import stage2 as ops_s2
 
@@ -575,36 +575,37 @@ def _same_dispatch(cin: int, cout: int, h: int, s: int, batch: int, dtype=torch.
     tf32 = torch.backends.cudnn.allow_tf32
     fuse = ks2.squeeze_backward_pays(1, cin, h, h, usq, cin // 2, usq, dout.element_size())
     return len({(ops_s2.dw_pass_pays(dout, up, w, w2, s, 2, tf32, fuse, batch=n),
-                 ops_s2.grouped_dgrad_pays(dout, up, w, batch=n)) for n in (1, 2, batch)}) == 1
+                 ops_s2.grouped_dgrad_pays(dout, up, w, batch=n)) for n in (*counted, batch)}) == 1
 
 
-def _floor_counts(cs, impl, shape, cbatches, floor_batch, args, cache, in_process):
-    """The counts a row's floor extrapolates from: ``cs`` (at ``cbatches``), or, where stage 2
-    takes another batch-dependent path at the floor's batch than at the counted ones
-    (_same_dispatch), the counts of that path (SCCONV_DISPATCH_BATCH; the per-launch
+def _path_counts(cs, impl, shape, cbatches, target, args, cache, in_process):
+    """Counts at ``cbatches`` of the path batch ``target`` takes, to extrapolate to it: ``cs``,
+    or, where stage 2 takes another batch-dependent path at ``target`` than at the counted
+    batches (_same_dispatch), that path counted again (SCCONV_DISPATCH_BATCH; the per-launch
     extrapolation needs the same launches at both batches)."""
     name, cin, cout, h, s = shape
     dtype = DTYPES[args.dtype]
-    if impl != "ours" or len(cbatches) < 2 or floor_batch in cbatches or _same_dispatch(cin, cout, h, s, floor_batch,
-                                                                                        dtype):
+    if impl != "ours" or len(cbatches) < 2 or target in cbatches or _same_dispatch(cin, cout, h, s, target, dtype,
+                                                                                   cbatches):
         return cs
-    with mock.patch.dict(os.environ, SCCONV_DISPATCH_BATCH=str(floor_batch)):
+    with mock.patch.dict(os.environ, SCCONV_DISPATCH_BATCH=str(target)):
         if in_process:
             out, prev = [], None
             for b in cbatches:
                 prev = cache.count(impl, cin, cout, h, s, b, dtype, args.channels_last, like=prev)
                 out.append(prev)
-            if not args.quiet:
-                print(f"[floor] counted {name} on batch {floor_batch}'s path", file=sys.stderr)
-            return out
-        raw = count_subprocess([shape], [impl], cbatches, args.dtype, args.channels_last)
-        return [raw[f"{_shape_key(cin, cout, h, s)}|{impl}|{b}"] for b in cbatches]
+        else:
+            raw = count_subprocess([shape], [impl], cbatches, args.dtype, args.channels_last)
+            out = [raw[f"{_shape_key(cin, cout, h, s)}|{impl}|{b}"] for b in cbatches]
+    if not args.quiet:
+        print(f"[counts] counted {name} {impl} on batch {target}'s path", file=sys.stderr)
+    return out
 
 
 def _layer_counter(counts, args, in_process, cache, batches):
     """layer_counts(keys) for networks.count_networks: fused ("ours") layer counts at batches 1 and 2,
     reusing the per-layer rows' counts and counting the others once (in a CPU subprocess on a GPU machine).
-    A batch-dependent choice (ops.stage2.grouped_dgrad_pays) is made as for the networks' batch
+    A batch-dependent choice (ops.stage2.dw_pass_pays, grouped_dgrad_pays) is made as for the networks' batch
     (``batches``, one for all: SCCONV_DISPATCH_BATCH), so that the per-launch extrapolation
     extrapolates the path that batch takes; rows counted on another path are counted again."""
     dtype = DTYPES[args.dtype]
@@ -733,21 +734,27 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
                 if any(c is None or "error" in c for c in cs):
                     row["error"] = next((c["error"] for c in cs if c and "error" in c), "not counted")
                 else:
-                    if batch in cbatches:
-                        c = cs[cbatches.index(batch)]
-                    elif len(cbatches) >= 2:
-                        c = extrapolate(cs[0], cs[1], batch, cbatches[0], cbatches[1])
-                    else:
-                        c = cs[0]
-                    row["counted_at_batch"] = cbatches if len(cbatches) > 1 else cbatches[0]
+                    two = len(cbatches) >= 2
+                    on_path = lambda n: _path_counts(cs, impl, (name, cin, cout, h, s), cbatches, n, args,  # noqa
+                                                     cache, count_in_process)
+                    try:
+                        if batch in cbatches:
+                            c = cs[cbatches.index(batch)]
+                        elif two:
+                            bs = on_path(batch)  # the launches of the path this batch takes
+                            c = extrapolate(bs[0], bs[1], batch, cbatches[0], cbatches[1])
+                        else:
+                            c = cs[0]
+                    except Exception as e:
+                        row["error"] = _err(e)
+                if "error" not in row:
+                    row["counted_at_batch"] = cbatches if two else cbatches[0]
                     row.update({k: c[k] for k in COUNT_KEYS})
                     try:
-                        two = len(cbatches) >= 2
-                        fs = _floor_counts(cs, impl, (name, cin, cout, h, s), cbatches, floor_batch, args, cache,
-                                           count_in_process)
+                        fs = on_path(floor_batch)
                         row.update(row_floor(fs[0], fs[1] if two else None, floor_batch, roofline,
                                              cbatches[0], cbatches[1] if two else cbatches[0]))
-                    except (ValueError, KeyError) as e:
+                    except Exception as e:
                         row["floor_error"] = _err(e)
                     row["S"] = c["S"]
                     row["fwd_launches_triton"] = c["fwd_triton_launches"]

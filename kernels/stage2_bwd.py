@@ -637,7 +637,8 @@ def _dw_tiles(h: int, w: int, k: int, st: int, g: int, cig: int, cog: int, usq: 
 
 
 def dw_plan_for(up, w_gwc, w_pwc2, stride: int, groups: int, tf32: bool):
-    """dw_plan for stage2_dw's arguments (None: no tile; the caller takes the rebuild path)."""
+    """dw_plan for stage2_dw's arguments (None: no tile; the caller takes the rebuild path, as
+    where ops.stage2.dw_pass_pays finds it moves less)."""
     _, usq, h, w = up.shape
     cout, cig, k, _ = w_gwc.shape
     return dw_plan(h, w, k, stride, groups, cig, cout // groups, usq, w_pwc2.shape[1], up.dtype == torch.float64,

@@ -130,6 +130,15 @@ def test_floor_counts_the_floor_batchs_path(monkeypatch):
     want = bench.row_floor(c4, None, 4, bench.Roofline(bench.find_gpu(bench.DEFAULT_GPU), dtype="float32"), 4)
     for k in ("floor_fwd_ms", "floor_bwd_ms", "floor_bwd_flops", "floor_bytes_ms", "floor_launch_ms"):
         assert row[k] == pytest.approx(want[k], rel=1e-9), k
+    # a row at a batch that is not counted (a GPU run's 64, from counts at 1 and 2): its counted
+    # columns too are that batch's path, extrapolated
+    res = bench.run(bench.parse_args(["--quiet", "--no-networks", "--no-net-floor", "--shapes", "48@2", "--impls",
+                                      "ours", "--batch", "4", "--count-batches", "1,2", "--floor-batch", "4"]),
+                    stream=io.StringIO())
+    row = _row(res, "ours")
+    assert "error" not in row and "floor_error" not in row, row
+    for k in ("fwd_bytes", "bwd_bytes", "bwd_launches", "saved_bytes"):
+        assert row[k] == c4[k], k
 
 
 def test_extrapolation_is_exact_for_eager_ops():

@@ -329,7 +329,6 @@ def test_dw_pass_choice_moves_less_counted(monkeypatch):
     # the one that moves less
     from benchmarks.meter import measure_step
 
-    real = ops_s2.dw_pass_pays
     monkeypatch.setattr(ops_s2, "LAUNCH_BYTES", 0)
     for n, takes_pass in ((1, True), (2, False)):
         moved = {}

@@ -201,7 +201,7 @@ def _conv_backward(dout, up, low, a, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2,
 
 
 def dispatch_batch(n: int) -> int:
-    """The batch that batch-dependent choices (grouped_dgrad_pays) are made for: n, or
+    """The batch that batch-dependent choices (dw_pass_pays, grouped_dgrad_pays) are made for: n, or
     SCCONV_DISPATCH_BATCH where set. The benchmarks count a layer at batches 1 and 2 and
     extrapolate launch by launch to a training batch; for that they must count the path the
     training batch takes (benchmarks/run.py sets it for the whole networks' floor)."""
@@ -242,6 +242,8 @@ def dw_pass_pays(dout, up, w_gwc, w_pwc2, stride: int, groups: int, tf32: bool, 
     es, acc = up.element_size(), 8 if up.dtype == torch.float64 else 4
     rwc = cig * k * k + usq + lsq + 1
     hw = dout.shape[2] * dout.shape[3]
+    # a model, checked against the meter where the choice flips (tests/test_stage2.py): it leaves
+    # out what both paths move alike, and the rebuild path's re-reads of up and low
     per_pass = (2 * plan["N_SP"] * acc + es) * cout * rwc + (plan["N_CI"] - 1) * cout * hw * es
     per_rebuild = (2 * (cout + p) + cout) * hw * es
     ieee = up.dtype == torch.float32 and not tf32
