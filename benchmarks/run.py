@@ -565,7 +565,8 @@ def _floor_gpu(args, device):
 
 def _same_dispatch(cin: int, cout: int, h: int, s: int, batch: int, dtype=torch.float32, counted=(1, 2)) -> bool:
     """Whether ``SCConv(cin, cout, stride=s)`` at h x h takes the same batch-dependent paths
-    (ops.stage2.dw_pass_pays, grouped_dgrad_pays) at the ``counted`` batches as at ``batch``."""
+    (ops.stage2.dw_pass_pays, grouped_rebuild_pays, grouped_dgrad_pays) at the ``counted``
+    batches as at ``batch``."""
     from scconv_triton.kernels import stage2 as ks2
     from scconv_triton.ops import stage2 as ops_s2
 
@@ -575,6 +576,7 @@ def _same_dispatch(cin: int, cout: int, h: int, s: int, batch: int, dtype=torch.
     tf32 = torch.backends.cudnn.allow_tf32
     fuse = ks2.squeeze_backward_pays(1, cin, h, h, usq, cin // 2, usq, dout.element_size())
     return len({(ops_s2.dw_pass_pays(dout, up, w, w2, s, 2, tf32, fuse, batch=n),
+                 ops_s2.grouped_rebuild_pays(dout, up, w, batch=n),
                  ops_s2.grouped_dgrad_pays(dout, up, w, batch=n)) for n in (*counted, batch)}) == 1
 
 
@@ -605,7 +607,8 @@ def _path_counts(cs, impl, shape, cbatches, target, args, cache, in_process):
 def _layer_counter(counts, args, in_process, cache, batches):
     """layer_counts(keys) for networks.count_networks: fused ("ours") layer counts at batches 1 and 2,
     reusing the per-layer rows' counts and counting the others once (in a CPU subprocess on a GPU machine).
-    A batch-dependent choice (ops.stage2.dw_pass_pays, grouped_dgrad_pays) is made as for the networks' batch
+    A batch-dependent choice (ops.stage2.dw_pass_pays, grouped_rebuild_pays, grouped_dgrad_pays) is made as
+    for the networks' batch
     (``batches``, one for all: SCCONV_DISPATCH_BATCH), so that the per-launch extrapolation
     extrapolates the path that batch takes; rows counted on another path are counted again."""
     dtype = DTYPES[args.dtype]

@@ -116,29 +116,29 @@ def test_default_path_counts_and_prints(tmp_path):
 def test_floor_counts_the_floor_batchs_path(monkeypatch):
     # where stage 2's batch-dependent choice (ops.stage2.dw_pass_pays) differs between the
     # counted batches and the floor's, the floor extrapolates counts of the floor batch's path:
-    # the same floor as counting at that batch. By bytes alone SCConv(48) at 2 x 2 takes the dw
-    # pass at batch 1 only.
+    # the same floor as counting at that batch. By bytes alone SCConv(64) at 6 x 6 takes the dw
+    # pass up to batch 3.
     from scconv_triton.ops import stage2 as ops_s2
 
     monkeypatch.setattr(ops_s2, "LAUNCH_BYTES", 0)
-    assert not bench._same_dispatch(48, 48, 2, 1, 4)
-    res = bench.run(bench.parse_args(["--quiet", "--no-networks", "--no-net-floor", "--shapes", "48@2", "--impls",
-                                      "ours", "--floor-batch", "4"]), stream=io.StringIO())
+    assert not bench._same_dispatch(64, 64, 6, 1, 8)
+    res = bench.run(bench.parse_args(["--quiet", "--no-networks", "--no-net-floor", "--shapes", "64@6", "--impls",
+                                      "ours", "--floor-batch", "8"]), stream=io.StringIO())
     row = _row(res, "ours")
-    assert "floor_error" not in row and row["floor_batch"] == 4, row
-    c4 = bench.count_row("ours", 48, 48, 2, 1, 4)
-    want = bench.row_floor(c4, None, 4, bench.Roofline(bench.find_gpu(bench.DEFAULT_GPU), dtype="float32"), 4)
+    assert "floor_error" not in row and row["floor_batch"] == 8, row
+    c8 = bench.count_row("ours", 64, 64, 6, 1, 8)
+    want = bench.row_floor(c8, None, 8, bench.Roofline(bench.find_gpu(bench.DEFAULT_GPU), dtype="float32"), 8)
     for k in ("floor_fwd_ms", "floor_bwd_ms", "floor_bwd_flops", "floor_bytes_ms", "floor_launch_ms"):
         assert row[k] == pytest.approx(want[k], rel=1e-9), k
     # a row at a batch that is not counted (a GPU run's 64, from counts at 1 and 2): its counted
     # columns too are that batch's path, extrapolated
-    res = bench.run(bench.parse_args(["--quiet", "--no-networks", "--no-net-floor", "--shapes", "48@2", "--impls",
-                                      "ours", "--batch", "4", "--count-batches", "1,2", "--floor-batch", "4"]),
+    res = bench.run(bench.parse_args(["--quiet", "--no-networks", "--no-net-floor", "--shapes", "64@6", "--impls",
+                                      "ours", "--batch", "8", "--count-batches", "1,2", "--floor-batch", "8"]),
                     stream=io.StringIO())
     row = _row(res, "ours")
     assert "error" not in row and "floor_error" not in row, row
     for k in ("fwd_bytes", "bwd_bytes", "bwd_launches", "saved_bytes"):
-        assert row[k] == c4[k], k
+        assert row[k] == c8[k], k
 
 
 def test_extrapolation_is_exact_for_eager_ops():

@@ -114,10 +114,12 @@ def _check(fused, base, x, tol, dw=True):
     dg = dw and kb.dgrad_plan(x.shape[2], x.shape[3], sh.kernel_size, sh.stride, sh.up_sq, sh.low_sq,
                               sh.out_channels, x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32)
     assert all((k in names) == bool(dg) for k in STAGE2_DG) and ("_cru_combine_bwd_kernel" in names) != bool(dg), names
+    up = torch.empty(x.shape[0], sh.up_sq, *x.shape[2:], device="meta")
     if dw and not dg:  # cuDNN's input gradients: through the module's grouped weights, or the merged one
-        grouped = ops_s2.grouped_dgrad_pays(yf, torch.empty(x.shape[0], sh.up_sq, *x.shape[2:], device="meta"),
-                                            fused.CRU.GWC.weight)
+        grouped = ops_s2.grouped_dgrad_pays(yf, up, fused.CRU.GWC.weight)
         assert ("_cru_weights_kernel" in names) != grouped, names
+    if not dw:  # the rebuild path: Y1 by the module's grouped weights, or the merged one
+        assert ("_cru_weights_kernel" in names) != ops_s2.grouped_rebuild_pays(yf, up, fused.CRU.GWC.weight), names
     yr, dxr, gr = _run(base, x, g)
     assert yf.shape == yr.shape and yf.dtype == yr.dtype
     assert yf.is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(memory_format=torch.channels_last)
@@ -299,10 +301,43 @@ def test_grouped_dgrad_pays_by_traffic(monkeypatch):
     assert not pays(1, 256, 14) and not pays(2, 512, 7)
 
 
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "merged"])
+def test_fp64_rebuild_path_matches_reference(grouped, device, monkeypatch):
+    # without the dw pass, Y1 and PWC2's output are rebuilt by cuDNN, through the module's grouped
+    # weights or the merged dense Y1 weight (stage 1's); both forced, at a config with PWC2
+    # channels, stride 2 and alpha != 1/2 (the merged weight block-diagonal)
+    monkeypatch.setattr(ops_s2, "dw_pass_pays", lambda *a, **k: False)
+    monkeypatch.setattr(ops_s2, "grouped_rebuild_pays", lambda *a, **k: grouped)
+    kw = dict(op_channel=32, alpha=0.25, stride=2, out_channels=20)
+    fused, base = _pair(kw, device)
+    x = _input(kw, (2, 7, 9), True, device, torch.float64)
+    with capture_launches(keep_args=False) as calls:
+        _run(fused, x, torch.randn(base(x).shape, dtype=x.dtype, device=device))
+    names = [c.name for c in calls]
+    assert "_s2_dw_kernel" not in names and "_cru_zsum_kernel" in names
+    assert ("_cru_weights_kernel" in names) != grouped and ("_cru_wgrad_kernel" in names) != grouped, names
+    fused.zero_grad(set_to_none=True)
+    _check(fused, base, x, TOL[torch.float64], dw=False)
+
+
+def test_grouped_rebuild_pays_by_traffic(monkeypatch):
+    # the merged dense Y1 weight costs 4 weight sizes per step, the grouped weights about 4 Y1
+    # and 3 up per sample: R50's layer4 rebuilds with the grouped weights up to about 20
+    # samples, layer1 never
+    def pays(n, c, h):
+        t = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+        return ops_s2.grouped_rebuild_pays(t(n, c, h, h), t(n, c // 4, h, h), t(c, c // 8, 3, 3))
+    assert pays(1, 512, 7) and pays(16, 512, 7) and not pays(32, 512, 7) and pays(2, 256, 14)
+    assert not pays(1, 64, 56) and not pays(64, 256, 14)
+    monkeypatch.setenv("SCCONV_DISPATCH_BATCH", "64")
+    assert not pays(1, 512, 7)
+
+
 def test_dw_pass_pays_by_traffic(monkeypatch):
-    # the dw pass's weight-sized product rows are per sample, the rebuild path's merged weight
-    # per step: at the report's shapes (fp32) R50's layer4 takes the pass at batch 1 only, layer3
-    # up to a few samples, the rest always; counted on a training batch's path, the rebuild.
+    # the dw pass's weight-sized product rows are per sample, the rebuild path's weight traffic
+    # per step (merged) or small per sample (grouped): at the report's shapes (fp32) R50's layer4
+    # never takes the pass, layer3 up to a few samples, the rest always; counted on a training
+    # batch's path, the rebuild.
     # DenseNet's 128 -> 32 at 14 x 14 moves a little more with the pass at batch 64 but saves
     # the rebuild path's 4 more launches (with the Triton dgrad after it)
     def pays(n, c, h, s=1, cout=None):
@@ -314,27 +349,27 @@ def test_dw_pass_pays_by_traffic(monkeypatch):
                                    s, 2, True, fuse)
     for n in (1, 2, 64):
         assert pays(n, 64, 56) and pays(n, 128, 28) and pays(n, 128, 56, 2) and pays(n, 128, 14, cout=32)
-    assert pays(1, 512, 7) and not pays(2, 512, 7) and pays(1, 512, 14, 2) and not pays(2, 512, 14, 2)
+        assert not pays(n, 512, 7) and not pays(n, 512, 14, 2)  # the grouped rebuild moves less
     assert pays(2, 256, 14) and not pays(64, 256, 14)
     monkeypatch.setattr(ops_s2, "LAUNCH_BYTES", 0)
     assert not pays(64, 128, 14, cout=32)
     monkeypatch.setenv("SCCONV_DISPATCH_BATCH", "64")
-    assert not pays(1, 512, 7) and not pays(1, 256, 14)
+    assert not pays(1, 256, 14)
 
 
 @needs_interpreter("Triton launches are counted under the interpreter")
 def test_dw_pass_choice_moves_less_counted(monkeypatch):
-    # the rule's bytes (no launch term) against the meter, both paths counted, where it flips:
-    # SCConv(48) at 2 x 2 takes the pass at batch 1 and the rebuild path at batch 2; each time
-    # the one that moves less
+    # the rule's bytes (no launch term) against the meter, both paths counted, on each side of
+    # it: SCConv(48) at 2 x 2 (weights dominate) rebuilds, SCConv(64) at 6 x 6 and batch 3 takes
+    # the pass; each time the one that moves less
     from benchmarks.meter import measure_step
 
     monkeypatch.setattr(ops_s2, "LAUNCH_BYTES", 0)
-    for n, takes_pass in ((1, True), (2, False)):
+    for c, h, n, takes_pass in ((48, 2, 1, False), (64, 6, 3, True)):
         moved = {}
         for force in (True, False):
             torch.manual_seed(0)
-            mod, x = scconv_triton.SCConv(48), torch.randn(n, 48, 2, 2)
+            mod, x = scconv_triton.SCConv(c), torch.randn(n, c, h, h)
             with monkeypatch.context() as m:
                 m.setattr(ops_s2, "dw_pass_pays", lambda *a, **k: force)
                 with capture_launches(keep_args=False) as calls:

@@ -21,6 +21,7 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from ..kernels import sru as _ks
 from ..kernels import stage2 as _k
@@ -29,7 +30,8 @@ from .._config import SRUMath
 from ..kernels._launch import acc_dtype, channels_fastest, memory_format
 from ._dispatch import eager_direct
 from .cru import (
-    cru_combine_bwd, cru_conv_backward, cru_convs_backward, cru_squeeze_backward, cru_weights, pwc2_backward,
+    cru_combine_bwd, cru_conv_backward, cru_convs_backward, cru_reduce, cru_squeeze_backward, cru_weights,
+    pwc2_backward,
 )
 from .sru import gate_mode, sru_apply_op, sru_backward_op
 
@@ -182,6 +184,9 @@ def _conv_backward(dout, up, low, a, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2,
     gradients by stage2_dgrad where it has one and ``fuse_dgrad`` (then d_low includes the identity
     branch's gradient, and d_id and wsq are None), else the combine's and cuDNN's backward."""
     if not dw_pass_pays(dout, up, w_gwc, w_pwc2, shape.stride, shape.group_size, tf32, fuse_dgrad):
+        if grouped_rebuild_pays(dout, up, w_gwc):
+            return _grouped_rebuild(dout, up, low, a, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax,
+                                    cl, fuse_dgrad)
         return cru_conv_backward(dout, (up, low, a), w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax,
                                  True, cl)
     da, kv, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2 = _dw_call(
@@ -201,7 +206,8 @@ def _conv_backward(dout, up, low, a, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2,
 
 
 def dispatch_batch(n: int) -> int:
-    """The batch that batch-dependent choices (dw_pass_pays, grouped_dgrad_pays) are made for: n, or
+    """The batch that batch-dependent choices (dw_pass_pays, grouped_rebuild_pays, grouped_dgrad_pays)
+    are made for: n, or
     SCCONV_DISPATCH_BATCH where set. The benchmarks count a layer at batches 1 and 2 and
     extrapolate launch by launch to a training batch; for that they must count the path the
     training batch takes (benchmarks/run.py sets it for the whole networks' floor)."""
@@ -224,13 +230,13 @@ def dw_pass_pays(dout, up, w_gwc, w_pwc2, stride: int, groups: int, tf32: bool, 
     The pass's own costs grow with the batch: per sample it writes N_SP weight-sized rows of
     products and reads them back (in the accumulation dtype), reads the weights (dA comes from
     the products), and reads dout once per input-channel chunk (N_CI). The rebuild path's are
-    mostly per step: the merged dense Y1 weight is written, read by the Y1 convolution, and its
-    gradient written by cuDNN and read back (4 weight sizes); per sample it writes Y1 and PWC2's
-    output and reads them back with dout once more. With ``fuse_dgrad`` (the squeeze backward
+    the weight traffic of the cheaper of its two forms (_rebuild_weight_cost: the merged dense
+    Y1 weight, per step, or the grouped weights' extra activation passes, per sample); per
+    sample it writes Y1 and PWC2's output and reads them back with dout once more. With ``fuse_dgrad`` (the squeeze backward
     is fused, so the Triton dgrad follows where it has a tile) the pass also saves launches,
-    LAUNCH_BYTES each. Weight-sized rows win at small batches of small images with wide groups
-    (R50's layer4 at batch 1: 129 S against 177 S counted) and lose at training batches (there:
-    86 S per sample against 24 S). ``batch``: decide for that batch (default: ``dispatch_batch``
+    LAUNCH_BYTES each. Weight-sized rows per sample lose where the weights are large against
+    the activations: R50's layer4 (512@7) at batch 1 moves 129.3 S with the pass, 89.9 S on the
+    grouped rebuild (counted). ``batch``: decide for that batch (default: ``dispatch_batch``
     of dout's)."""
     plan = _kb.dw_plan_for(up, w_gwc, w_pwc2, stride, groups, tf32)
     if plan is None:
@@ -246,10 +252,32 @@ def dw_pass_pays(dout, up, w_gwc, w_pwc2, stride: int, groups: int, tf32: bool, 
     # out what both paths move alike, and the rebuild path's re-reads of up and low
     per_pass = (2 * plan["N_SP"] * acc + es) * cout * rwc + (plan["N_CI"] - 1) * cout * hw * es
     per_rebuild = (2 * (cout + p) + cout) * hw * es
+    merged, grouped = _rebuild_weight_cost(dout, up, w_gwc, n)
     ieee = up.dtype == torch.float32 and not tf32
     dgrad = fuse_dgrad and _kb.dgrad_plan(h, w, k, stride, usq, lsq, cout, ieee) is not None
     launches = LAUNCH_BYTES * _PASS_SAVES_LAUNCHES if dgrad else 0
-    return n * per_pass <= 4 * cout * usq * k * k * es + n * per_rebuild + launches
+    return n * per_pass <= min(merged, grouped) * es + n * per_rebuild + launches
+
+
+def _rebuild_weight_cost(dout, up, w_gwc, n: int):
+    """Elements the rebuild path's two forms move beyond each other's, at batch n: (merged, grouped).
+    The merged dense Y1 weight is written, read by the Y1 convolution, its gradient written by
+    cuDNN and read back: 4 weight sizes per step. With the grouped weights (_grouped_rebuild)
+    Y1 is two convolutions added (written twice, read twice more) and dY1 read twice, and the
+    two input gradients added (3 x up): per sample."""
+    cout, _, k, _ = w_gwc.shape
+    per_grouped = 4 * cout * dout.shape[2] * dout.shape[3] + 3 * up[0].numel()
+    return 4 * cout * up.shape[1] * k * k, n * per_grouped
+
+
+def grouped_rebuild_pays(dout, up, w_gwc, batch: Optional[int] = None) -> bool:
+    """Whether the rebuild path forms Y1 and the weight gradients with the module's grouped GWC
+    and PWC1 weights (_grouped_rebuild) rather than through the merged dense Y1 weight
+    (``cru_conv_backward``): by the bytes of _rebuild_weight_cost at the batch (default:
+    ``dispatch_batch`` of dout's). The grouped weights win at small batches of small images with
+    wide groups (R50's layer4 at batch 1: 89.9 S against 177.4 S counted)."""
+    merged, grouped = _rebuild_weight_cost(dout, up, w_gwc, batch or dispatch_batch(max(dout.shape[0], 1)))
+    return grouped < merged
 
 
 def grouped_dgrad_pays(dout, up, w_gwc, batch: Optional[int] = None) -> bool:
@@ -286,6 +314,31 @@ def _grouped_dgrad(dout, a, da, up, low, w_gwc, w_pwc1, w_pwc2, shape, softmax, 
                     mask)[0]
     d_up = d_up.add_(conv_bwd(dy1, up, w_pwc1, None, [st, st], [0, 0], [1, 1], False, [0, 0], 1, mask)[0])
     return d_up, pwc2_backward(dp2, low, w_pwc2, shape, False)[0], did
+
+
+def _grouped_rebuild(dout, up, low, a, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, cl,
+                     fuse_dgrad):
+    """``cru_conv_backward`` (Y1 and PWC2's output rebuilt by cuDNN) with the module's grouped GWC
+    and PWC1 weights where the merged dense Y1 weight would move more (``grouped_rebuild_pays``):
+    that weight is never formed, and cuDNN gives the grouped weights' gradients directly. Y1 is
+    the sum of two convolutions, d_up of two input gradients."""
+    st, k, g = shape.stride, shape.kernel_size, shape.group_size
+    y1 = F.conv2d(up, w_gwc, b_gwc, stride=st, padding=k // 2, groups=g).add_(F.conv2d(up, w_pwc1, stride=st))
+    if shape.pwc2_out:
+        p2 = F.conv2d(low, w_pwc2, stride=st)
+    else:
+        p2 = low.new_empty((y1.shape[0], 0, *y1.shape[2:]))
+    da = cru_reduce(dout, y1, p2, low[:, :, ::st, ::st])
+    del y1, p2
+    dy1, dp2, did = cru_combine_bwd(dout, a, da, shape.pwc2_out, softmax == "pairwise", up.dtype, cl)
+    conv_bwd = torch.ops.aten.convolution_backward.default
+    d_up, d_gw, d_b = conv_bwd(dy1, up, w_gwc, [w_gwc.shape[0]], [st, st], [k // 2, k // 2], [1, 1], False, [0, 0],
+                               g, [True, True, True])
+    d_up1, d_pw1, _ = conv_bwd(dy1, up, w_pwc1, None, [st, st], [0, 0], [1, 1], False, [0, 0], 1,
+                               [True, True, False])
+    d_low, d_pw2 = pwc2_backward(dp2, low, w_pwc2, shape, True)
+    return (d_up.add_(d_up1), d_low, did, d_gw, d_b, d_pw1, d_pw2,
+            None if fuse_dgrad else _squeeze_weight(w_sq1, w_sq2))
 
 
 class Stage2Function(torch.autograd.Function):
