@@ -5,8 +5,9 @@ traces it), and its autograd Function.
 
 Backward: dA and the convolution weights' gradients by kernels/stage2_bwd.py
 (``scconv_triton::stage2_dw``: one pass over dout, up and low; Y1 and PWC2's output never
-rebuilt) where it has a tile and moves less (``dw_pass_pays``; else stage 1's ``cru_conv_backward``, which rebuilds
-them by cuDNN); the convolutions' input gradients by ``scconv_triton::stage2_dgrad`` (dY formed on
+rebuilt) where it has a tile and moves less (``dw_pass_pays``); else Y1 and PWC2's output are
+rebuilt by cuDNN, through the module's grouped weights (``grouped_rebuild_pays``) or stage 1's
+``cru_conv_backward``; the convolutions' input gradients by ``scconv_triton::stage2_dgrad`` (dY formed on
 the fly, the identity branch's gradient folded into d_low) where it has a tile and the fused
 squeeze backward runs, else stage 1's combine backward and cuDNN: with the module's grouped GWC
 and PWC1 weights where the merged dense Y1 weight would move more (``grouped_dgrad_pays``: small
@@ -356,8 +357,9 @@ class Stage2Function(torch.autograd.Function):
     the statistics); s, xhat and the gate from x in the squeeze backward's registers (twice: its
     two passes); dY1 and dY2 in the input-gradient pass's registers. Where the Triton passes
     have no tile: dY1 / dY2 and, unless ``grouped_dgrad_pays``, the merged convolution weight
-    (cuDNN's input gradients); without a dw tile also Y1 and PWC2's output (two cuDNN
-    convolutions, ``cru_conv_backward``).
+    (cuDNN's input gradients); where the dw pass is not taken (``dw_pass_pays``) also Y1 and
+    PWC2's output (cuDNN convolutions: with the grouped weights, ``_grouped_rebuild``, or the
+    merged one, ``cru_conv_backward``).
     """
 
     @staticmethod
