@@ -551,10 +551,10 @@ _DW_MAX_SP = 32
 def dw_plan(h: int, w: int, k: int, st: int, g: int, cig: int, cog: int, usq: int, lsq: int,
             fp64: bool, esize: int, ieee: bool = False):
     """Tiles of _s2_dw_kernel: a dict of its constexprs and grid parameters (OHT, OWT, N_RB,
-    N_T, TPP, N_SP, N_CB, N_CI) and num_warps; None if none fits (the stage-1 convolution
-    backward runs then; where one fits, ops.stage2.dw_pass_pays decides by bytes). All of a group's input channels in one chunk where a tile fits (dout
-    read once); else the fewest chunks of 32, 16 or 8 channels that fit (each chunk reads dout
-    again: N_CI times in all)."""
+    N_T, TPP, N_SP, N_CB, N_CI) and num_warps; None if none fits (the rebuild path runs then;
+    where one fits, ops.stage2.dw_pass_pays decides by bytes). All of a group's input channels
+    in one chunk where a tile fits (dout read once); else the fewest chunks of 32, 16 or 8
+    channels that fit (each chunk reads dout again: N_CI times in all)."""
     gp = np2(g)
     full = max(np2(cig), cdiv(16, gp), 8)
     for cigp in sorted({full} | {c for c in (32, 16, 8) if c < full and c * gp >= 16}, reverse=True):

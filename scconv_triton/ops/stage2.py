@@ -227,15 +227,16 @@ _PASS_SAVES_LAUNCHES = 4
 def dw_pass_pays(dout, up, w_gwc, w_pwc2, stride: int, groups: int, tf32: bool, fuse_dgrad: bool = False,
                  batch: Optional[int] = None) -> bool:
     """Whether dA and the convolution weight gradients go through stage2_dw: where it has a tile
-    (``dw_plan``) and costs less than the rebuild path (``cru_conv_backward``) at the batch.
-    The pass's own costs grow with the batch: per sample it writes N_SP weight-sized rows of
-    products and reads them back (in the accumulation dtype), reads the weights (dA comes from
-    the products), and reads dout once per input-channel chunk (N_CI). The rebuild path's are
-    the weight traffic of the cheaper of its two forms (_rebuild_weight_cost: the merged dense
-    Y1 weight, per step, or the grouped weights' extra activation passes, per sample); per
-    sample it writes Y1 and PWC2's output and reads them back with dout once more. With ``fuse_dgrad`` (the squeeze backward
-    is fused, so the Triton dgrad follows where it has a tile) the pass also saves launches,
-    LAUNCH_BYTES each. Weight-sized rows per sample lose where the weights are large against
+    (``dw_plan``) and costs less than the rebuild path (``_grouped_rebuild`` or
+    ``cru_conv_backward``) at the batch. The pass's own costs grow with the batch: per sample
+    it writes N_SP weight-sized rows of products and reads them back (in the accumulation
+    dtype), reads the weights (dA comes from the products), and reads dout once per
+    input-channel chunk (N_CI). The rebuild path's are the weight traffic of the cheaper of its
+    two forms (_rebuild_weight_cost: the merged dense Y1 weight, per step, or the grouped
+    weights' extra activation passes, per sample), and per sample Y1 and PWC2's output written
+    and read back with dout once more. With ``fuse_dgrad`` (the squeeze backward is fused, so
+    the Triton dgrad follows where it has a tile) the pass also saves launches, LAUNCH_BYTES
+    each. Weight-sized rows per sample lose where the weights are large against
     the activations: R50's layer4 (512@7) at batch 1 moves 129.3 S with the pass, 89.9 S on the
     grouped rebuild (counted). ``batch``: decide for that batch (default: ``dispatch_batch``
     of dout's)."""
