@@ -209,7 +209,7 @@ def cru_forward_core(
     up = _pointwise(s[:, :u], w_sq1.view(shape.up_sq, u), cl)
     low = _pointwise(s[:, u:], w_sq2.view(shape.low_sq, shape.low), cl)
     y1 = F.conv2d(up, wm, b_gwc, stride=st, padding=k // 2)
-    p2 = _pwc2(low, w_pwc2, shape, y1)
+    p2 = pwc2_forward(low, w_pwc2, shape, y1)
     ident = low[:, :, ::st, ::st]
     m = cru_pool(y1, p2, ident)
     out, a = cru_combine(y1, p2, ident, m, softmax == "pairwise")
@@ -217,7 +217,9 @@ def cru_forward_core(
     return out, saved
 
 
-def _pwc2(low: Tensor, w_pwc2: Tensor, shape: CRUShape, y1: Tensor) -> Tensor:
+def pwc2_forward(low: Tensor, w_pwc2: Tensor, shape: CRUShape, y1: Tensor) -> Tensor:
+    """PWC2's output (1 x 1, this stride) by cuDNN; an empty (N, 0, Ho, Wo) tensor, shaped like
+    y1, when PWC2 has no channels."""
     if shape.pwc2_out == 0:
         n, _, ho, wo = y1.shape
         return low.new_empty((n, 0, ho, wo))
@@ -251,7 +253,7 @@ def cru_conv_backward(
     wm, wsq = cru_weights(w_gwc, w_pwc1, w_sq1, w_sq2, g, channels_last)
     if recompute:
         y1 = F.conv2d(up, wm, b_gwc, stride=st, padding=k // 2)
-        p2 = _pwc2(low, w_pwc2, shape, y1)
+        p2 = pwc2_forward(low, w_pwc2, shape, y1)
     ident = low[:, :, ::st, ::st]
     da = cru_reduce(dout, y1, p2, ident)
     d_up, d_low, did, d_wm, d_b, d_pwc2 = cru_convs_backward(

@@ -32,7 +32,7 @@ from ..kernels._launch import acc_dtype, channels_fastest, memory_format
 from ._dispatch import eager_direct
 from .cru import (
     cru_combine_bwd, cru_conv_backward, cru_convs_backward, cru_reduce, cru_squeeze_backward, cru_weights,
-    pwc2_backward,
+    pwc2_backward, pwc2_forward,
 )
 from .sru import gate_mode, sru_apply_op, sru_backward_op
 
@@ -199,7 +199,8 @@ def _conv_backward(dout, up, low, a, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2,
         d_up, d_low = _dgrad_call(dout, a, kv, w_gwc, w_pwc1, w_pwc2, h, w, int(shape.stride), cl, bool(tf32))
         return d_up, d_low, None, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, None
     if grouped_dgrad_pays(dout, up, w_gwc):
-        d_up, d_low, d_id = _grouped_dgrad(dout, a, da, up, low, w_gwc, w_pwc1, w_pwc2, shape, softmax, cl)
+        d_up, d_low, d_id = _grouped_convs_backward(dout, a, da, up, low, w_gwc, w_pwc1, w_pwc2, shape, softmax, cl,
+                                                    False)[:3]
         return d_up, d_low, d_id, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, None if fuse_dgrad else _squeeze_weight(w_sq1, w_sq2)
     wm, wsq = cru_weights(w_gwc, w_pwc1, w_sq1, w_sq2, shape.group_size, cl)
     d_up, d_low, d_id, _, _, _ = cru_convs_backward(dout, a, da, up, low, wm, w_pwc2, shape, softmax, cl, False)
@@ -283,7 +284,7 @@ def grouped_rebuild_pays(dout, up, w_gwc, batch: Optional[int] = None) -> bool:
 
 
 def grouped_dgrad_pays(dout, up, w_gwc, batch: Optional[int] = None) -> bool:
-    """Whether the input gradients through the grouped GWC and PWC1 weights (_grouped_dgrad) move
+    """Whether the input gradients through the grouped GWC and PWC1 weights (_grouped_convs_backward) move
     fewer bytes than through the merged dense Y1 weight (``cru_weights``, one cuDNN call): the
     merged weight is written and read again (2 x its size, once per step), the grouped path reads
     dY1 twice and adds the two gradients (dY1 + 3 x d_up per sample). Weight-sized traffic wins
@@ -304,18 +305,20 @@ def _squeeze_weight(w_sq1, w_sq2):
     return torch.block_diag(w_sq1.flatten(1), w_sq2.flatten(1))[:, :, None, None]
 
 
-def _grouped_dgrad(dout, a, da, up, low, w_gwc, w_pwc1, w_pwc2, shape, softmax, cl):
-    """(d_up, d_low, d_id) from dout, A and dA by cuDNN with the module's own weights: d_up = the
-    grouped GWC's input gradient + PWC1's (a 1 x 1 convolution of this stride), d_low = PWC2's;
-    no merged weight is formed."""
+def _grouped_convs_backward(dout, a, da, up, low, w_gwc, w_pwc1, w_pwc2, shape, softmax, cl, wgrad: bool):
+    """From dout, A and dA, by cuDNN with the module's own weights (no merged weight is formed):
+    (d_up, d_low, d_id, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2), the last four None unless ``wgrad``.
+    d_up = the grouped GWC's input gradient + PWC1's (a 1 x 1 convolution of this stride), d_low
+    = PWC2's; as ``cru_convs_backward`` does with the merged weight."""
     st, k = shape.stride, shape.kernel_size
     dy1, dp2, did = cru_combine_bwd(dout, a, da, shape.pwc2_out, softmax == "pairwise", up.dtype, cl)
     conv_bwd = torch.ops.aten.convolution_backward.default
-    mask = [True, False, False]
-    d_up = conv_bwd(dy1, up, w_gwc, None, [st, st], [k // 2, k // 2], [1, 1], False, [0, 0], shape.group_size,
-                    mask)[0]
-    d_up = d_up.add_(conv_bwd(dy1, up, w_pwc1, None, [st, st], [0, 0], [1, 1], False, [0, 0], 1, mask)[0])
-    return d_up, pwc2_backward(dp2, low, w_pwc2, shape, False)[0], did
+    d_up, d_gw, d_b = conv_bwd(dy1, up, w_gwc, [w_gwc.shape[0]] if wgrad else None, [st, st], [k // 2, k // 2],
+                               [1, 1], False, [0, 0], shape.group_size, [True, wgrad, wgrad])
+    d_up1, d_pw1, _ = conv_bwd(dy1, up, w_pwc1, None, [st, st], [0, 0], [1, 1], False, [0, 0], 1,
+                               [True, wgrad, False])
+    d_low, d_pw2 = pwc2_backward(dp2, low, w_pwc2, shape, wgrad)
+    return d_up.add_(d_up1), d_low, did, d_gw, d_b, d_pw1, d_pw2
 
 
 def _grouped_rebuild(dout, up, low, a, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax, cl,
@@ -326,21 +329,11 @@ def _grouped_rebuild(dout, up, low, a, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc
     the sum of two convolutions, d_up of two input gradients."""
     st, k, g = shape.stride, shape.kernel_size, shape.group_size
     y1 = F.conv2d(up, w_gwc, b_gwc, stride=st, padding=k // 2, groups=g).add_(F.conv2d(up, w_pwc1, stride=st))
-    if shape.pwc2_out:
-        p2 = F.conv2d(low, w_pwc2, stride=st)
-    else:
-        p2 = low.new_empty((y1.shape[0], 0, *y1.shape[2:]))
+    p2 = pwc2_forward(low, w_pwc2, shape, y1)
     da = cru_reduce(dout, y1, p2, low[:, :, ::st, ::st])
     del y1, p2
-    dy1, dp2, did = cru_combine_bwd(dout, a, da, shape.pwc2_out, softmax == "pairwise", up.dtype, cl)
-    conv_bwd = torch.ops.aten.convolution_backward.default
-    d_up, d_gw, d_b = conv_bwd(dy1, up, w_gwc, [w_gwc.shape[0]], [st, st], [k // 2, k // 2], [1, 1], False, [0, 0],
-                               g, [True, True, True])
-    d_up1, d_pw1, _ = conv_bwd(dy1, up, w_pwc1, None, [st, st], [0, 0], [1, 1], False, [0, 0], 1,
-                               [True, True, False])
-    d_low, d_pw2 = pwc2_backward(dp2, low, w_pwc2, shape, True)
-    return (d_up.add_(d_up1), d_low, did, d_gw, d_b, d_pw1, d_pw2,
-            None if fuse_dgrad else _squeeze_weight(w_sq1, w_sq2))
+    grads = _grouped_convs_backward(dout, a, da, up, low, w_gwc, w_pwc1, w_pwc2, shape, softmax, cl, True)
+    return (*grads, None if fuse_dgrad else _squeeze_weight(w_sq1, w_sq2))
 
 
 class Stage2Function(torch.autograd.Function):
