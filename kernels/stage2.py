@@ -742,6 +742,15 @@ def _pow2_floor(v: int) -> int:
     return 1 << (max(int(v), 1).bit_length() - 1)
 
 
+def _lanes(span: int, k: int, st: int, out: int) -> tuple:
+    """Output lanes (a power of two) along one axis of a conv tile whose up tile spans ``span``
+    input rows (columns): as many as its up tile feeds, and, when fewer cover the outputs it
+    owns (a small image: 7 x 7 in a 16-wide tile), that many too: lanes past them are dots on
+    padding (_tap clamps their reads to the tile's edge, they are never stored)."""
+    full = _pow2_floor(span // st)
+    return tuple(sorted({full, min(full, np2(min((span - k) // st + 1, out)))}))
+
+
 def _span(blocks: int, step: int, size: int, pad: int, limit: int) -> int:
     """Input rows (columns) the row (column) tiles load: sum over tiles of [b step - pad, + size)
     inside [0, limit)."""
@@ -762,7 +771,7 @@ def conv_plan(n: int, h: int, w: int, k: int, st: int, g: int, cig: int, cog: in
     Among the tiles within them, the one that loads the fewest elements: each output tile's up
     tile (the halo: k - st rows and columns shared with the neighbours), low once, and the
     weights of the program's channels (once per column of row tiles when it holds them, HOLD,
-    else per tile). Ties: the larger tile."""
+    else per tile). Ties: the fewer lanes run (_lanes), then the larger tile."""
     for relax in (1, 4, 16):  # tiny odd configs (k 7, stride 3, 4 groups of 3 channels): looser caps
         plan = _conv_search(n, h, w, k, st, g, cig, cog, usq, lsq, fp64, ieee, relax)
         if plan is not None:
@@ -789,15 +798,11 @@ def _conv_search(n, h, w, k, st, g, cig, cog, usq, lsq, fp64, ieee, relax):
             continue
         br = gp * bco
         n_cb = cdiv(cog, bco)
-        for rwp in (4, 8, 16, 32, 64, 128):
-            bw = _pow2_floor(rwp // st)  # lanes: a power of two
-            owt = min(bw, (rwp - k) // st + 1)  # the output columns the tile owns
-            if owt < 1:
-                continue
-            for rhp in (4, 8, 16, 32, 64, 128):
-                bh = _pow2_floor(rhp // st)
+        for rwp, rhp in itertools.product(*(2 * ((4, 8, 16, 32, 64, 128),))):
+            for bw, bh in itertools.product(_lanes(rwp, k, st, wo), _lanes(rhp, k, st, ho)):
+                owt = min(bw, (rwp - k) // st + 1)  # the output columns (rows) the tile owns
                 oht = min(bh, (rhp - k) // st + 1)
-                if oht < 1:
+                if owt < 1 or oht < 1:
                     continue
                 bq = bh * bw
                 if bq < 16 or br * bq * scale > _OUT_TILE or gp * cigp * rhp * rwp * scale > _UP_TILE:
@@ -816,7 +821,7 @@ def _conv_search(n, h, w, k, st, g, cig, cog, usq, lsq, fp64, ieee, relax):
                         continue
                     wl = min(br, g * cog) * wsz
                     loads = n * n_cb * act + n * n_wb * n_cb * wl * (1 if hold else n_rb)
-                    key = (loads, -bq)
+                    key = (loads, n_cb * n_rb * n_wb * bq, -bq)  # then the lanes the dots run on
                     if best is None or key < best[0]:
                         rpp = n_rb if hold else 1
                         best = (key, dict(HOLD=hold, GP=gp, CIGP=cigp, TPD=tpd, NCH=nch, BCO=bco, RHP=rhp, RWP=rwp,

@@ -14,6 +14,7 @@ import torch
 import scconv_triton
 from scconv_triton import reference as ref
 from scconv_triton.kernels import stage2 as ks2
+from scconv_triton.kernels._launch import np2
 from scconv_triton.kernels import stage2_bwd as kb
 from scconv_triton.ops import stage2 as ops_s2
 from scconv_triton.testing import capture_launches
@@ -478,6 +479,36 @@ def test_dot_flops_are_grouped_not_densified(device):
     dense = 2 * lanes * cout * (usq * 9 + usq + lsq)
     assert grouped <= flops["_s2_conv_kernel"] <= 1.15 * grouped, (flops, grouped)
     assert flops["_s2_conv_kernel"] < 0.7 * dense
+
+
+@pytest.mark.parametrize("h, st", [(7, 1), (5, 2), (3, 1), (9, 1), (14, 2)])
+def test_conv_lanes_cover_the_outputs_not_the_up_tile(h, st):
+    # a small image fits one up tile wider than its outputs (7 x 7 in 16 x 16): the lanes (a
+    # power of two per axis) follow the outputs a tile owns, not the up tile's size
+    for n, g, cig, cog, usq, lsq in ((2, 2, 8, 32, 16, 16), (2, 2, 64, 256, 128, 128), (1, 4, 4, 16, 16, 16)):
+        plan = ks2.conv_plan(n, h, h, 3, st, g, cig, cog, usq, lsq, g * cog - lsq, False)
+        assert plan is not None
+        ho = (h - 1) // st + 1
+        owned = np2(min(plan["OHT"], ho)) * np2(min(plan["OWT"], ho))
+        assert plan["BH"] * plan["BW"] <= max(16, owned), plan
+
+
+def test_conv_dot_flops_on_a_small_image(device):
+    # 7 x 7 outputs run on 8 x 8 lanes: within 64 / 49 of SCConv's FLOPs on the outputs, and the
+    # GWC's nine taps padded to ten (pairs of 8-channel blocks); 16 x 16 lanes were 5.6x
+    if device != "cpu":
+        pytest.skip("counts the interpreter's dots")
+    from benchmarks.meter import Meter
+
+    n, c, h = 2, 64, 7
+    model = scconv_triton.SCConv(c, backend="triton").double()
+    with torch.no_grad(), Meter() as meter:
+        model(torch.randn(n, c, h, h, dtype=torch.float64))
+    flops = {r.name: r.flops for r in meter.by_kind("triton")}
+    sh = model.CRU.shape
+    cig = sh.up_sq // sh.group_size
+    nominal = 2 * n * h * h * sh.out_channels * (cig * 9 + sh.up_sq + sh.low_sq)
+    assert nominal <= flops["_s2_conv_kernel"] <= 64 / 49 * 10 / 9 * nominal, (flops, nominal)
 
 
 def test_stage_keyword(device):
