@@ -776,7 +776,7 @@ def conv_plan(n: int, h: int, w: int, k: int, st: int, g: int, cig: int, cog: in
     Among the tiles within them, the one that loads the fewest elements: each output tile's up
     tile (the halo: k - st rows and columns shared with the neighbours), low once, and the
     weights of the program's channels (once per column of row tiles when it holds them, HOLD,
-    else per tile). Ties: the fewer lanes run (_lanes), then the larger tile."""
+    else per tile). Ties: the less dot work (output rows x lanes, _lanes), then the larger tile."""
     for relax in (1, 4, 16):  # tiny odd configs (k 7, stride 3, 4 groups of 3 channels): looser caps
         plan = _conv_search(n, h, w, k, st, g, cig, cog, usq, lsq, fp64, ieee, relax)
         if plan is not None:
@@ -826,7 +826,7 @@ def _conv_search(n, h, w, k, st, g, cig, cog, usq, lsq, fp64, ieee, relax):
                         continue
                     wl = min(br, g * cog) * wsz
                     loads = n * n_cb * act + n * n_wb * n_cb * wl * (1 if hold else n_rb)
-                    key = (loads, n_cb * n_rb * n_wb * bq, -bq)  # then the lanes the dots run on
+                    key = (loads, n_cb * br * n_rb * n_wb * bq, -bq)  # then the dots' rows x lanes
                     if best is None or key < best[0]:
                         rpp = n_rb if hold else 1
                         best = (key, dict(HOLD=hold, GP=gp, CIGP=cigp, TPD=tpd, NCH=nch, BCO=bco, RHP=rhp, RWP=rwp,

@@ -491,13 +491,16 @@ def test_conv_lanes_cover_the_outputs_not_the_up_tile(h, st):
         ho = (h - 1) // st + 1
         owned = np2(min(plan["OHT"], ho)) * np2(min(plan["OWT"], ho))
         assert plan["BH"] * plan["BW"] <= max(16, owned), plan
+        # and all tiles together: at most twice the image's lanes (4 groups at 7 x 7 take two
+        # column tiles within their caps; one 16 x 16 tile would be 4x)
+        assert plan["N_RB"] * plan["N_WB"] * plan["BH"] * plan["BW"] <= 2 * max(16, np2(ho) ** 2), plan
 
 
 def test_conv_dot_flops_on_a_small_image(device):
     # 7 x 7 outputs in one 16-row up tile run on 8 rows of lanes: within 64 / 49 of SCConv's
     # FLOPs on the outputs, and the GWC's nine taps padded to ten (pairs of 8-channel blocks).
-    # Lanes tied to the up tile's rows took four 8 x 8 tiles here (5.8x). The output is the
-    # reference's, as in test_fp64_matches_reference.
+    # Lanes tied to the up tile's rows took four 8 x 8 tiles here (5.6x, counted). The output is
+    # the reference's, as in test_fp64_matches_reference.
     if device != "cpu":
         pytest.skip("counts the interpreter's dots")
     from benchmarks.meter import Meter
