@@ -738,8 +738,13 @@ def run(args, tools=None, compile_fn=None, stream=None) -> dict:
                     row["error"] = next((c["error"] for c in cs if c and "error" in c), "not counted")
                 else:
                     two = len(cbatches) >= 2
-                    on_path = lambda n: _path_counts(cs, impl, (name, cin, cout, h, s), cbatches, n, args,  # noqa
-                                                     cache, count_in_process)
+                    paths = {}
+
+                    def on_path(n):  # counts of the path batch n takes; once per row (a GPU run's batch
+                        if n not in paths:  # is its floor batch: both would count it in a subprocess)
+                            paths[n] = _path_counts(cs, impl, (name, cin, cout, h, s), cbatches, n, args, cache,
+                                                    count_in_process)
+                        return paths[n]
                     try:
                         if batch in cbatches:
                             c = cs[cbatches.index(batch)]

@@ -131,7 +131,16 @@ def test_floor_counts_the_floor_batchs_path(monkeypatch):
     for k in ("floor_fwd_ms", "floor_bwd_ms", "floor_bwd_flops", "floor_bytes_ms", "floor_launch_ms"):
         assert row[k] == pytest.approx(want[k], rel=1e-9), k
     # a row at a batch that is not counted (a GPU run's 64, from counts at 1 and 2): its counted
-    # columns too are that batch's path, extrapolated
+    # columns too are that batch's path, extrapolated; the path is counted once for both uses
+    recounts = []
+    count_row = bench.count_row
+
+    def spy(*a, **kw):
+        if os.environ.get("SCCONV_DISPATCH_BATCH"):
+            recounts.append(a[5])
+        return count_row(*a, **kw)
+
+    monkeypatch.setattr(bench, "count_row", spy)
     res = bench.run(bench.parse_args(["--quiet", "--no-networks", "--no-net-floor", "--shapes", "64@6", "--impls",
                                       "ours", "--batch", "8", "--count-batches", "1,2", "--floor-batch", "8"]),
                     stream=io.StringIO())
@@ -139,6 +148,7 @@ def test_floor_counts_the_floor_batchs_path(monkeypatch):
     assert "error" not in row and "floor_error" not in row, row
     for k in ("fwd_bytes", "bwd_bytes", "bwd_launches", "saved_bytes"):
         assert row[k] == c8[k], k
+    assert recounts == [1, 2], recounts
 
 
 def test_extrapolation_is_exact_for_eager_ops():
