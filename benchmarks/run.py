@@ -565,8 +565,8 @@ def _floor_gpu(args, device):
 
 def _same_dispatch(cin: int, cout: int, h: int, s: int, batch: int, dtype=torch.float32, counted=(1, 2)) -> bool:
     """Whether ``SCConv(cin, cout, stride=s)`` at h x h takes the same batch-dependent paths
-    (ops.stage2.dw_pass_pays, grouped_rebuild_pays, grouped_dgrad_pays) at the ``counted``
-    batches as at ``batch``."""
+    (ops.stage2.backward_path) at the ``counted`` batches as at ``batch``. The squeeze backward's
+    choice (squeeze_backward_pays) does not depend on the batch: both its sides are per sample."""
     from scconv_triton.kernels import stage2 as ks2
     from scconv_triton.ops import stage2 as ops_s2
 
@@ -575,9 +575,7 @@ def _same_dispatch(cin: int, cout: int, h: int, s: int, batch: int, dtype=torch.
     dout, up, w, w2 = t(1, cout, ho, ho), t(1, usq, h, h), t(cout, usq // 2, 3, 3), t(cout - usq, usq, 1, 1)
     tf32 = torch.backends.cudnn.allow_tf32
     fuse = ks2.squeeze_backward_pays(1, cin, h, h, usq, cin // 2, usq, dout.element_size())
-    return len({(ops_s2.dw_pass_pays(dout, up, w, w2, s, 2, tf32, fuse, batch=n),
-                 ops_s2.grouped_rebuild_pays(dout, up, w, batch=n),
-                 ops_s2.grouped_dgrad_pays(dout, up, w, batch=n)) for n in (*counted, batch)}) == 1
+    return len({ops_s2.backward_path(dout, up, w, w2, s, 2, tf32, fuse, batch=n) for n in (*counted, batch)}) == 1
 
 
 def _path_counts(cs, impl, shape, cbatches, target, args, cache, in_process):

@@ -184,8 +184,10 @@ def _conv_backward(dout, up, low, a, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2,
     weight gradients by stage2_dw (no Y1 or PWC2 output rebuilt) where ``dw_pass_pays``; the input
     gradients by stage2_dgrad where it has one and ``fuse_dgrad`` (then d_low includes the identity
     branch's gradient, and d_id and wsq are None), else the combine's and cuDNN's backward."""
-    if not dw_pass_pays(dout, up, w_gwc, w_pwc2, shape.stride, shape.group_size, tf32, fuse_dgrad):
-        if grouped_rebuild_pays(dout, up, w_gwc):
+    dw_pass, grouped_rebuild, grouped_dgrad = backward_path(dout, up, w_gwc, w_pwc2, shape.stride, shape.group_size,
+                                                            tf32, fuse_dgrad)
+    if not dw_pass:
+        if grouped_rebuild:
             return _grouped_rebuild(dout, up, low, a, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax,
                                     cl, fuse_dgrad)
         return cru_conv_backward(dout, (up, low, a), w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2, shape, softmax,
@@ -198,13 +200,22 @@ def _conv_backward(dout, up, low, a, w_sq1, w_sq2, w_gwc, b_gwc, w_pwc1, w_pwc2,
     if fuse_dgrad and _kb.dgrad_plan_for(dout, w_gwc, w_pwc1, w_pwc2, h, w, shape.stride, tf32) is not None:
         d_up, d_low = _dgrad_call(dout, a, kv, w_gwc, w_pwc1, w_pwc2, h, w, int(shape.stride), cl, bool(tf32))
         return d_up, d_low, None, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, None
-    if grouped_dgrad_pays(dout, up, w_gwc):
+    if grouped_dgrad:
         d_up, d_low, d_id = _grouped_convs_backward(dout, a, da, up, low, w_gwc, w_pwc1, w_pwc2, shape, softmax, cl,
                                                     False)[:3]
         return d_up, d_low, d_id, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, None if fuse_dgrad else _squeeze_weight(w_sq1, w_sq2)
     wm, wsq = cru_weights(w_gwc, w_pwc1, w_sq1, w_sq2, shape.group_size, cl)
     d_up, d_low, d_id, _, _, _ = cru_convs_backward(dout, a, da, up, low, wm, w_pwc2, shape, softmax, cl, False)
     return d_up, d_low, d_id, d_gwc_w, d_gwc_b, d_pwc1, d_pwc2, wsq
+
+
+def backward_path(dout, up, w_gwc, w_pwc2, stride: int, groups: int, tf32: bool, fuse_dgrad: bool = False,
+                  batch: Optional[int] = None) -> tuple:
+    """_conv_backward's batch-dependent choices at the batch (default: ``dispatch_batch`` of dout's):
+    (dw_pass_pays, grouped_rebuild_pays, grouped_dgrad_pays). benchmarks/run.py compares them
+    across batches to know which path a batch's counts belong to."""
+    return (dw_pass_pays(dout, up, w_gwc, w_pwc2, stride, groups, tf32, fuse_dgrad, batch),
+            grouped_rebuild_pays(dout, up, w_gwc, batch), grouped_dgrad_pays(dout, up, w_gwc, batch))
 
 
 def dispatch_batch(n: int) -> int:
